@@ -1,0 +1,116 @@
+"""Records that cross module boundaries: Frame → Symbol → Credential → Decision → CheckinEvent.
+
+Every record is frozen: a stage may read what the previous one produced but never change it,
+so a frame or a decision can be handed between threads without locks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One grayscale camera frame (``uint8``, shape ``(height, width)``)."""
+
+    image: np.ndarray
+    seq: int
+    captured: float  # time.monotonic() when the frame left the camera
+
+
+@dataclass(frozen=True, slots=True)
+class Symbol:
+    """One decoded QR code. ``payload`` is authoritative: engines disagree on text decoding."""
+
+    payload: bytes
+    engine: str  # "zxing" | "zbar"
+    polygon: tuple[tuple[int, int], ...]  # four corners in image pixels
+
+    @property
+    def text(self) -> str:
+        return self.payload.decode("utf-8", errors="replace")
+
+
+class CredentialType(StrEnum):
+    SIGNED = "signed"
+    DCC = "dcc"
+    CCCD = "cccd"
+    PLAIN = "plain"
+    UNKNOWN = "unknown"
+
+
+class Reason(StrEnum):
+    """Reason codes of DESIGN §4: part of the MQTT contract, never renamed."""
+
+    OK = "ok"
+    UNKNOWN_FORMAT = "unknown_format"
+    MALFORMED = "malformed"
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_ISSUER = "unknown_issuer"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    REVOKED = "revoked"
+    DENYLISTED = "denylisted"
+    NOT_ALLOWLISTED = "not_allowlisted"
+    WRONG_SITE = "wrong_site"
+    TYPE_NOT_ACCEPTED = "type_not_accepted"
+    ANTI_PASSBACK = "anti_passback"
+    CAPACITY_FULL = "capacity_full"
+    STALE_TRUST_DATA = "stale_trust_data"
+    # The gate itself cannot record the check-in (outbox unwritable or full): fail secure.
+    DEVICE_FAULT = "device_fault"
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """What a payload claims to be, after parsing (and, for signed formats, verifying).
+
+    ``identity`` is the value a person is known by (a pass id, an ID-card number, a plain code).
+    It is personal data: it is only ever turned into a keyed pseudonym and is kept out of
+    ``repr`` so that it cannot reach a log line by accident.
+    """
+
+    type: CredentialType
+    identity: bytes = field(repr=False)
+    issuer: str | None = None
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+    site: str | None = None
+    # Set when the payload could not be parsed or verified; policy rejects with this reason.
+    problem: Reason | None = None
+    detail: str = ""  # human-readable cause for logs; never contains personal data
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    accepted: bool
+    reason: Reason
+    credential: Credential
+    detail: str = ""
+
+    @property
+    def outcome(self) -> str:
+        return "accepted" if self.accepted else "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckinEvent:
+    """The check-in record published on ``checkin`` (schema ``gate-scanner/checkin/1``)."""
+
+    event_id: str
+    seq: int
+    device: str
+    site: str
+    direction: str
+    ts: str  # scan time, UTC RFC 3339 with milliseconds
+    clock_synced: bool
+    decision: str
+    reason: str
+    credential_type: str
+    subject: str | None  # keyed pseudonym, never the raw identity
+    issuer: str | None = None
+    valid_until: str | None = None
