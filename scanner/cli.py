@@ -1,0 +1,146 @@
+"""Command line: `gate-scanner COMMAND` (also `python -m scanner`). Exit 0 ok, 1 runtime, 2 usage/config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from scanner import __version__
+from scanner.config import Config, ConfigError, load
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gate-scanner", description="Unattended QR check-in gate.")
+    parser.add_argument("--version", action="version", version=f"gate-scanner {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the gate daemon")
+    run.add_argument("--config", required=True, type=Path)
+
+    check = sub.add_parser("check-config", help="validate a config file (exit 2 on error)")
+    check.add_argument("file", type=Path)
+
+    decode = sub.add_parser("decode", help="decode QR codes in image files, one JSON line each")
+    decode.add_argument("images", nargs="+", type=Path)
+    decode.add_argument("--engines", default="zxing,zbar", help="comma-separated, default zxing,zbar")
+
+    off = sub.add_parser("relay-off", help="drive the relay off (systemd ExecStopPost)")
+    off.add_argument("--config", required=True, type=Path)
+
+    demo = sub.add_parser("demo", help="run the real daemon on built-in replayed frames with mock pins")
+    demo.add_argument("--workdir", type=Path, help="keep the demo's files here instead of a temp dir")
+
+    bench = sub.add_parser("bench", help="print benchmark figures as JSON")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    pipeline = bench_sub.add_parser("pipeline", help="decode, frame-to-relay latency, outbox, RSS, READY")
+    pipeline.add_argument("--frames", type=int, default=200)
+    return parser
+
+
+def _load_config(path: Path) -> Config | None:
+    try:
+        return load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def _setup_logging(level: str = "info") -> None:
+    # journald adds its own timestamps; keep the line short and greppable.
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command
+    if command == "check-config":
+        config = _load_config(args.file)
+        if config is None:
+            return EXIT_USAGE
+        print(f"{args.file}: ok (device {config.device.id} at {config.device.site})")
+        return EXIT_OK
+    if command == "decode":
+        return _decode(args.images, tuple(e for e in args.engines.split(",") if e))
+    if command == "run":
+        return _run(args.config)
+    if command == "relay-off":
+        return _relay_off(args.config)
+    if command == "demo":
+        from scanner.demo import run_demo
+
+        _setup_logging()
+        return run_demo(args.workdir)
+    if command == "bench":
+        from scanner.bench import bench_pipeline
+
+        _setup_logging("warning")
+        print(json.dumps(bench_pipeline(frames=args.frames), indent=2))
+        return EXIT_OK
+    raise AssertionError(command)
+
+
+def _decode(images: list[Path], engines: tuple[str, ...]) -> int:
+    from scanner.decode import Decoder, describe_image
+
+    unknown = set(engines) - {"zxing", "zbar"}
+    if unknown or not engines:
+        print(f"--engines: choose from zxing, zbar (got {','.join(engines)})", file=sys.stderr)
+        return EXIT_USAGE
+    decoder = Decoder(engines)
+    status = EXIT_OK
+    for image in images:
+        line = describe_image(image, decoder)
+        if "error" in line:
+            status = EXIT_RUNTIME
+        print(json.dumps(line, ensure_ascii=False), flush=True)
+    return status
+
+
+def _run(config_path: Path) -> int:
+    config = _load_config(config_path)
+    if config is None:
+        return EXIT_USAGE
+    _setup_logging(config.daemon.log_level)
+    from scanner.app import App
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logging.getLogger("scanner").info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return App(config).run(stop)
+    except Exception:
+        # App.run has already driven the relay off on its way out (context managers).
+        logging.getLogger("scanner").exception("gate stopped by an unexpected error")
+        return EXIT_RUNTIME
+
+
+def _relay_off(config_path: Path) -> int:
+    config = _load_config(config_path)
+    if config is None:
+        return EXIT_USAGE
+    _setup_logging(config.daemon.log_level)
+    from scanner.signals import force_relay_off, make_pin_factory
+
+    factory = make_pin_factory(config.gpio.pin_factory)
+    try:
+        force_relay_off(config.gpio, factory)
+    finally:
+        factory.close()
+    return EXIT_OK

@@ -1,0 +1,136 @@
+"""Decision → CheckinEvent → JSON, with time-ordered ids and keyed pseudonyms.
+
+Check-ins are contact-tracing data: the event carries who (as a pseudonym), where, when and
+the outcome, and nothing that names a person. The pseudonym is HMAC-SHA256 under a
+per-deployment key: the same person gets the same subject at every gate of the deployment
+(so tracing works), and nobody without the key can link a subject to an ID number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+from scanner.models import CheckinEvent, Decision
+
+SCHEMA = "gate-scanner/checkin/1"
+KEY_BYTES = 32
+
+
+class Uuid7:
+    """RFC 9562 UUIDv7 with a 12-bit counter in rand_a, so ids made in the same millisecond
+    still sort in creation order (the outbox may commit several per ms)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = -1
+        self._counter = 0
+
+    def new(self, unix_ms: int | None = None) -> str:
+        with self._lock:
+            ms = time.time_ns() // 1_000_000 if unix_ms is None else unix_ms
+            if ms <= self._last_ms:
+                self._counter += 1
+                if self._counter > 0xFFF:  # 4096 ids in one ms: borrow the next millisecond
+                    self._last_ms += 1
+                    self._counter = 0
+                ms = self._last_ms
+            else:
+                self._last_ms = ms
+                self._counter = secrets.randbits(10)  # random start, leaves room to count up
+            value = (ms & ((1 << 48) - 1)) << 80
+            value |= 0x7 << 76
+            value |= self._counter << 64
+            value |= 0b10 << 62
+            value |= secrets.randbits(62)
+        return str(uuid.UUID(int=value))
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """Read the pseudonym key, creating it (0600, in a 0700 directory) on first run."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) < 16:
+            raise ValueError(f"{path}: pseudonym key is {len(key)} bytes; need at least 16") from None
+        return key
+    key = secrets.token_bytes(KEY_BYTES)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return key
+
+
+class Pseudonymizer:
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def subject(self, credential_type: str, identity: bytes) -> str | None:
+        if not identity:
+            return None
+        # The type is part of the message: a plain code "123" and a pass id "123" are different people.
+        mac = hmac.new(self._key, credential_type.encode() + b"\x00" + identity, hashlib.sha256)
+        return mac.hexdigest()[:32]
+
+
+def utc_ms(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def build_event(
+    decision: Decision,
+    *,
+    seq: int,
+    event_id: str,
+    device: str,
+    site: str,
+    direction: str,
+    scanned_at: datetime,
+    clock_synced: bool,
+    pseudonymizer: Pseudonymizer,
+) -> CheckinEvent:
+    credential = decision.credential
+    return CheckinEvent(
+        event_id=event_id,
+        seq=seq,
+        device=device,
+        site=site,
+        direction=direction,
+        ts=utc_ms(scanned_at),
+        clock_synced=clock_synced,
+        decision=decision.outcome,
+        reason=str(decision.reason),
+        credential_type=str(credential.type),
+        subject=pseudonymizer.subject(str(credential.type), credential.identity),
+        issuer=credential.issuer,
+        valid_until=utc_ms(credential.valid_until) if credential.valid_until else None,
+    )
+
+
+def to_json(event: CheckinEvent) -> bytes:
+    fields = asdict(event)
+    credential = {
+        "type": fields.pop("credential_type"),
+        "subject": fields.pop("subject"),
+        "issuer": fields.pop("issuer"),
+        "valid_until": fields.pop("valid_until"),
+    }
+    document = {"schema": SCHEMA, **fields, "credential": {k: v for k, v in credential.items() if v is not None}}
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def schema_path() -> Path:
+    return Path(__file__).with_name("schemas") / "checkin-1.json"

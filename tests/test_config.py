@@ -1,0 +1,102 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scanner import config
+from scanner.config import ConfigError
+
+MINIMAL = '[device]\nid = "gate-01"\nsite = "ben-xe-mien-dong"\n'
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gate.toml"
+    path.write_text(text)
+    return path
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, text))
+    return info.value.problems
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path):
+    c = config.load(write(tmp_path, MINIMAL))
+    assert c.device.id == "gate-01"
+    assert c.camera.source == "picamera2" and (c.camera.width, c.camera.height) == (640, 480)
+    assert c.decoder.engines == ("zxing", "zbar")
+    assert c.gpio.relay_pin == 17 and c.gpio.relay_active_high
+    assert c.topic("checkin") == "gate/ben-xe-mien-dong/gate-01/checkin"
+    assert len(c.digest) == 64
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ('[device]\nid = "x"\nsite = "s"\ncolour = "red"\n', "device.colour: unknown key"),
+        (MINIMAL + "[gpio]\nrelay_pin = \"seventeen\"\n", "gpio.relay_pin: expected an integer"),
+        (MINIMAL + "[gpio]\nrelay_pin = 99\n", "gpio.relay_pin: 99 is out of range 0..53"),
+        (MINIMAL + "[gpio]\nrelay_active_high = 1\n", "gpio.relay_active_high: expected true or false"),
+        (MINIMAL + "[mqtt]\nport = 70000\n", "mqtt.port: 70000 is out of range"),
+        (MINIMAL + '[mqtt]\nprotocol = "4"\n', "mqtt.protocol: must be one of"),
+        (MINIMAL + '[decoder]\nengines = ["zxing", "opencv"]\n', "decoder.engines: unknown 'opencv'"),
+        (MINIMAL + '[policy]\naccept = ["plain", "plain"]\n', "policy.accept: lists a value twice"),
+        (MINIMAL + '[policy]\nallowlist_file = "nope.txt"\n', "policy.allowlist_file: file"),
+        (MINIMAL + "[gpio]\nrelay_pulse_s = 12.0\n", "gpio.relay_pulse_s: 12.0 exceeds gpio.relay_max_on_s"),
+        (MINIMAL + "[gpio]\nred_pin = 17\n", "gpio.red_pin: pin 17 is already used by gpio.relay_pin"),
+        (MINIMAL + "[mqtt]\ntls = true\n", "mqtt.ca_file: required when mqtt.tls = true"),
+        (MINIMAL + '[camera]\nsource = "http://x"\n', "camera.source: 'http://x' is not"),
+        ('[device]\nid = "has/slash"\nsite = "s"\n', "device.id: 'has/slash' must be"),
+        ('[device]\nsite = "s"\n', "device.id: required"),
+        (MINIMAL + "[nonsense]\n", "nonsense: unknown key"),
+        ("camera = 3\n" + MINIMAL, "camera: expected a table"),
+        ("[device\n", "TOML syntax"),
+    ],
+)
+def test_each_error_names_file_key_and_problem(tmp_path, extra, expected):
+    found = problems(tmp_path, extra)
+    assert all(p.startswith(str(tmp_path / "gate.toml") + ": ") for p in found)
+    assert any(expected in p for p in found), found
+
+
+def test_all_problems_are_reported_together(tmp_path):
+    found = problems(tmp_path, MINIMAL + "[gpio]\nrelay_pin = -1\ngreen_pin = 'x'\nbogus = 1\n")
+    assert len(found) == 3
+
+
+def test_relative_list_paths_resolve_beside_the_config(tmp_path):
+    (tmp_path / "allow.txt").write_text("A\n")
+    c = config.load(write(tmp_path, MINIMAL + '[policy]\nallowlist_file = "allow.txt"\n'))
+    assert c.policy.allowlist_file == tmp_path / "allow.txt"
+
+
+def test_password_is_read_from_its_file_and_kept_out_of_repr(tmp_path):
+    (tmp_path / "pw").write_text("s3cret\n")
+    c = config.load(write(tmp_path, MINIMAL + '[mqtt]\nusername = "gate-01"\npassword_file = "pw"\n'))
+    assert c.mqtt_password == "s3cret"
+    assert "s3cret" not in repr(c)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "scanner", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_check_config_cli_exit_codes(tmp_path):
+    good = write(tmp_path, MINIMAL)
+    result = run_cli("check-config", str(good))
+    assert result.returncode == 0, result.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text(MINIMAL + "[gpio]\nrelay_pin = 'x'\n")
+    result = run_cli("check-config", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}: gpio.relay_pin: expected an integer" in result.stderr
+    assert run_cli("check-config", str(tmp_path / "missing.toml")).returncode == 2
+
+
+def test_run_with_bad_config_exits_2_with_a_clear_message(tmp_path):
+    bad = write(tmp_path, MINIMAL + "[camera]\nfps = 0\n")
+    result = run_cli("run", "--config", str(bad))
+    assert result.returncode == 2
+    assert "camera.fps: 0 is out of range" in result.stderr
