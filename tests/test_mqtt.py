@@ -1,0 +1,544 @@
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scanner.config import Config, from_table
+from scanner.localbroker import LocalBroker
+from scanner.mqtt import Publisher
+from scanner.outbox import Outbox
+from tests.conftest import unique_name
+from tests.mqtt_helpers import Subscriber, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_config(
+    broker: LocalBroker, tmp_path: Path, *, delivery: str = "broker", protocol: str = "5"
+) -> Config:
+    return from_table(
+        {
+            "device": {"id": unique_name("gate"), "site": unique_name("site")},
+            "mqtt": {"host": broker.host, "port": broker.port, "protocol": protocol, "keepalive_s": 5},
+            "storage": {"dir": str(tmp_path), "delivery": delivery},
+        }
+    )
+
+
+def event(seq: int, created: str) -> bytes:
+    return json.dumps({"schema": "test/1", "seq": seq, "created": created}).encode()
+
+
+def seqs(sub: Subscriber, topic: str) -> list[int]:
+    return [json.loads(p)["seq"] for p in sub.payloads(topic)]
+
+
+class Alarms:
+    def __init__(self) -> None:
+        self.raised: list[tuple[str, str]] = []
+        self.event = threading.Event()
+
+    def __call__(self, kind: str, detail: str) -> None:
+        self.raised.append((kind, detail))
+        self.event.set()
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[Callable[..., tuple[Publisher, Outbox, Config]]]:
+    """Factory for a started Publisher over a fresh outbox; stopped and closed at teardown."""
+    made: list[tuple[Publisher, Outbox]] = []
+
+    def make(
+        broker: LocalBroker,
+        *,
+        delivery: str = "broker",
+        protocol: str = "5",
+        on_alarm: Callable[[str, str], None] | None = None,
+        status: Callable[[], dict[str, Any]] | None = None,
+        preload: int = 0,
+        config: Config | None = None,
+    ) -> tuple[Publisher, Outbox, Config]:
+        config = config or make_config(broker, tmp_path, delivery=delivery, protocol=protocol)
+        outbox = Outbox(tmp_path / f"{config.device.id}.db", max_events=10_000)
+        for _ in range(preload):
+            outbox.append(event)
+        pub = Publisher(config, outbox, status=status or (lambda: {"version": "test"}), on_alarm=on_alarm)
+        made.append((pub, outbox))
+        pub.start()
+        return pub, outbox, config
+
+    yield make
+    for pub, outbox in made:
+        pub.stop(timeout=2.0)
+        outbox.close()
+
+
+def test_delivers_in_seq_order(broker: LocalBroker, tmp_path: Path, gate: Any, subscribe: Any) -> None:
+    config = make_config(broker, tmp_path)
+    topic = config.topic("checkin")
+    sub = subscribe(topic)
+    # 30 waiting in the outbox from before the start, then 50 appended while connected.
+    pub, outbox, _ = gate(broker, preload=30, config=config)
+    assert pub.wait_connected(5)
+    for _ in range(50):
+        outbox.append(event)
+        pub.wake()
+    assert sub.wait_for(lambda msgs: len(msgs) >= 80, timeout=10), seqs(sub, topic)
+    assert seqs(sub, topic) == list(range(1, 81))
+    assert all(not m.retain for m in sub.messages)
+    assert pub.wait_drained(5)
+    assert outbox.depth() == 0
+
+
+def test_v311_delivers(broker: LocalBroker, gate: Any, subscribe: Any) -> None:
+    pub, outbox, config = gate(broker, protocol="3.1.1")
+    sub = subscribe(config.topic("checkin"))
+    assert pub.wait_connected(5)
+    for _ in range(10):
+        outbox.append(event)
+    pub.wake()
+    assert sub.wait_for(lambda msgs: len(msgs) >= 10, timeout=10)
+    assert seqs(sub, config.topic("checkin")) == list(range(1, 11))
+    assert pub.wait_drained(5)
+
+
+def test_availability_and_status(broker: LocalBroker, tmp_path: Path, subscribe: Any) -> None:
+    config = make_config(broker, tmp_path)
+    outbox = Outbox(tmp_path / "o.db", max_events=100)
+    avail, status_topic = config.topic("availability"), config.topic("status")
+    sub = subscribe(avail, status_topic)
+    state = {"version": "test", "n": 1}
+    pub = Publisher(config, outbox, status=lambda: dict(state)).start()
+    try:
+        assert sub.wait_payload(avail, b"online")
+        assert sub.wait_for(lambda msgs: any(m.topic == status_topic for m in msgs))
+        assert json.loads(sub.payloads(status_topic)[-1]) == {"version": "test", "n": 1}
+        state["n"] = 2
+        pub.publish_status()
+        assert sub.wait_payload(status_topic, b'{"n":2,"version":"test"}')
+    finally:
+        pub.stop()
+        outbox.close()
+    assert sub.wait_payload(avail, b"offline")
+    assert not pub.connected
+    # Retained: a client arriving later learns the gate is offline and its last status.
+    late = subscribe(avail, status_topic)
+    assert late.wait_payload(avail, b"offline")
+    assert late.wait_for(lambda msgs: any(m.topic == status_topic and m.retain for m in msgs))
+
+
+CHILD = """
+import json, sys, time
+from pathlib import Path
+from scanner.config import from_table
+from scanner.mqtt import Publisher
+from scanner.outbox import Outbox
+config = from_table(json.loads(sys.argv[1]))
+pub = Publisher(config, Outbox(Path(sys.argv[2]), max_events=100), status=lambda: {}).start()
+if not pub.wait_connected(10):
+    sys.exit(1)
+print("ready", flush=True)
+time.sleep(60)  # killed by the test long before this
+"""
+
+
+def test_last_will_when_process_killed(broker: LocalBroker, tmp_path: Path, subscribe: Any) -> None:
+    table = {
+        "device": {"id": unique_name("gate"), "site": unique_name("site")},
+        "mqtt": {"host": broker.host, "port": broker.port},
+        "storage": {"dir": str(tmp_path)},
+    }
+    avail = f"gate/{table['device']['site']}/{table['device']['id']}/availability"
+    sub = subscribe(avail)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(table), str(tmp_path / "o.db")],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"  # EOF (b"") if the child failed
+        assert sub.wait_payload(avail, b"online")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    assert sub.wait_payload(avail, b"offline", timeout=10)
+    assert sub.payloads(avail) == [b"online", b"offline"]
+
+
+@pytest.fixture
+def own_broker(tmp_broker_dir: Path) -> Iterator[LocalBroker]:
+    """A broker this test may stop and restart. Persistence keeps the test subscriber's
+    session across the restart, so 'every event arrives' does not depend on who reconnects
+    first; the gate itself gets no help from it."""
+    b = LocalBroker(tmp_broker_dir, persistence=True)
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def test_broker_restart_mid_run(own_broker: LocalBroker, gate: Any, subscribe: Any) -> None:
+    pub, outbox, config = gate(own_broker)
+    topic = config.topic("checkin")
+    sub = subscribe(topic, on=own_broker, persistent=True)
+    assert pub.wait_connected(5)
+    total = 200
+    done = threading.Event()
+
+    def scanner() -> None:
+        # A steady stream of scans, as from a busy gate, spanning the outage.
+        try:
+            for _ in range(total):
+                outbox.append(event)
+                pub.wake()
+                done.wait(0.005)
+        finally:
+            done.set()
+
+    producer = threading.Thread(target=scanner, name="test-producer")
+    producer.start()
+    try:
+        assert sub.wait_for(lambda msgs: len(msgs) >= 20, timeout=10)
+        own_broker.stop()
+        assert wait_until(lambda: not pub.connected, timeout=5)
+        assert not done.is_set(), "the producer finished before the outage: nothing was tested"
+        down_at = outbox.next_seq
+        assert wait_until(lambda: outbox.next_seq > down_at + 10, timeout=5)  # scans while down
+        own_broker.start()
+    finally:
+        producer.join(timeout=10)
+    # Duplicates are allowed (at-least-once); gaps are not.
+    assert sub.wait_for(lambda msgs: len({json.loads(m.payload)["seq"] for m in msgs}) >= total, 20), sorted(
+        set(range(1, total + 1)) - set(seqs(sub, topic))
+    )
+    assert set(seqs(sub, topic)) == set(range(1, total + 1))
+    assert pub.wait_drained(5)
+    assert outbox.depth() == 0
+
+
+def test_stop_without_broker_is_bounded(tmp_path: Path) -> None:
+    dead = LocalBroker(tmp_path / "never-started")  # a free port nobody listens on
+    config = make_config(dead, tmp_path)
+    outbox = Outbox(tmp_path / "o.db", max_events=100)
+    pub = Publisher(config, outbox, status=lambda: {}).start()
+    try:
+        outbox.append(event)
+        pub.wake()
+        assert not pub.wait_connected(0.3)
+        assert not pub.wait_drained(0.2)
+    finally:
+        started = time.monotonic()
+        pub.stop(timeout=1.0)
+        assert time.monotonic() - started < 4.0
+    assert outbox.depth() == 1  # kept for the next run, never dropped
+    outbox.close()
+
+
+def test_appended_while_broker_down(own_broker: LocalBroker, gate: Any, subscribe: Any) -> None:
+    pub, outbox, config = gate(own_broker)
+    topic = config.topic("checkin")
+    sub = subscribe(topic, on=own_broker, persistent=True)
+    assert pub.wait_connected(5)
+    own_broker.stop()
+    assert wait_until(lambda: not pub.connected, timeout=5)
+    for _ in range(5):
+        outbox.append(event)
+        pub.wake()
+    assert outbox.depth() == 5  # nothing dropped, nothing lost while offline
+    own_broker.start()
+    assert pub.wait_connected(10)
+    assert sub.wait_for(lambda msgs: len(msgs) >= 5, timeout=10)
+    assert seqs(sub, topic) == [1, 2, 3, 4, 5]
+    assert pub.wait_drained(5)
+
+
+def test_collector_delivery_keeps_rows_until_ack(broker: LocalBroker, gate: Any, subscribe: Any) -> None:
+    pub, outbox, config = gate(broker, delivery="collector")
+    topic, ack = config.topic("checkin"), config.topic("ack")
+    sub = subscribe(topic, ack)
+    assert pub.wait_connected(5)
+    for _ in range(10):
+        outbox.append(event)
+    pub.wake()
+    assert sub.wait_for(lambda msgs: len(msgs) >= 10, timeout=10)
+    assert not pub.wait_drained(0.5)  # PUBACKed, but no collector has confirmed storage
+    assert outbox.depth() == 10
+    assert seqs(sub, topic) == list(range(1, 11))  # and not republished on this connection
+
+    sub.publish(ack, b"not json")
+    sub.publish(ack, json.dumps({"schema": "other/1", "upto": 10}))
+    sub.publish(ack, json.dumps({"schema": "gate-scanner/ack/1", "upto": "10"}))
+    sub.publish(ack, json.dumps({"schema": "gate-scanner/ack/1", "upto": 4, "ranges": [[6, 7], [9, 9]]}))
+    # The valid ack was published last, so once it took effect the malformed ones were seen too.
+    assert wait_until(lambda: outbox.depth() == 3, timeout=5), outbox.depth()
+    assert [s for s, _ in outbox.pending()] == [5, 8, 10]
+    sub.publish(ack, json.dumps({"schema": "gate-scanner/ack/1", "upto": 10, "ranges": []}))
+    assert pub.wait_drained(5)
+
+
+ACL = """\
+topic read #
+topic readwrite gate/+/+/availability
+topic readwrite gate/+/+/status
+"""
+
+
+def test_acl_denied_publish_keeps_row_and_alarms(
+    tmp_broker_dir: Path, tmp_path: Path, subscribe: Any
+) -> None:
+    acl = tmp_broker_dir / "acl"
+    acl.write_text(ACL)
+    with LocalBroker(tmp_broker_dir, extra_config=f"acl_file {acl}") as denying:
+        config = make_config(denying, tmp_path)
+        outbox = Outbox(tmp_path / "o.db", max_events=100)
+        alarms, cleared = Alarms(), threading.Event()
+        pub = Publisher(
+            config,
+            outbox,
+            status=lambda: {},
+            on_alarm=alarms,
+            on_alarm_clear=lambda kind: cleared.set() if kind == "publish_refused" else None,
+        )
+        pub.start()
+        try:
+            sub = subscribe(config.topic("checkin"), on=denying)
+            assert pub.wait_connected(5)
+            outbox.append(event)
+            pub.wake()
+            assert alarms.event.wait(5), "no alarm for a refused publish"
+            kind, detail = alarms.raised[0]
+            assert kind == "publish_refused"
+            assert "0x87" in detail
+            assert [s for s, _ in outbox.pending()] == [1]  # kept, not dropped
+            # Backoff, not a hot loop: one alarm for the first hold (1 s).
+            assert not cleared.is_set()
+            assert len(alarms.raised) == 1
+            # The operator fixes the ACL; the broker comes back on the same port.
+            denying.extra_config = ""
+            denying.restart()
+            assert cleared.wait(10), "alarm not cleared after the broker accepted the event"
+            assert pub.wait_drained(5)
+            assert sub.wait_for(lambda msgs: len(msgs) >= 1, timeout=5)
+            assert seqs(sub, config.topic("checkin")) == [1]
+        finally:
+            pub.stop(timeout=2.0)
+            outbox.close()
+
+
+class CuttableProxy:
+    """TCP proxy between the gate and the broker that can swallow the broker's replies and
+    then cut the connection: PUBACKs never arrive, so events are in flight at the cut."""
+
+    def __init__(self, target: LocalBroker) -> None:
+        self._target = (target.host, target.port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.host, self.port = "127.0.0.1", self._listener.getsockname()[1]
+        self.swallow = threading.Event()
+        self._closed = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._accepter = threading.Thread(target=self._accept, name="test-proxy", daemon=True)
+        self._accepter.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                down, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            up = socket.create_connection(self._target, timeout=5)
+            with self._lock:
+                self._conns += [down, up]
+            threading.Thread(target=self._pump, args=(down, up, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, down, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_broker: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if not (from_broker and self.swallow.is_set()):
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.cut()
+        self._listener.close()
+        self._accepter.join(timeout=2)
+
+
+def test_in_flight_at_disconnect_are_resent_once(
+    broker: LocalBroker, gate: Any, subscribe: Any, tmp_path: Path
+) -> None:
+    proxy = CuttableProxy(broker)
+    try:
+        config = make_config(broker, tmp_path)
+        config = dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, port=proxy.port))
+        topic = config.topic("checkin")
+        sub = subscribe(topic)
+        pub, outbox, _ = gate(broker, config=config)
+        assert pub.wait_connected(5)
+        proxy.swallow.set()
+        for _ in range(10):
+            outbox.append(event)
+        pub.wake()
+        assert sub.wait_for(lambda msgs: len(msgs) >= 10, timeout=10)  # the broker has them...
+        assert outbox.depth() == 10  # ...but no PUBACK came back: all ten in flight
+        proxy.cut()
+        proxy.swallow.clear()
+        assert wait_until(lambda: not pub.connected, timeout=5)
+        assert pub.wait_connected(10)
+        assert pub.wait_drained(10)
+        pub.stop()  # while the proxy still forwards, so "offline" gets out
+        got = seqs(sub, topic)
+        assert set(got) == set(range(1, 11))
+        # paho resends what was in flight; the publisher must not send it a third time.
+        assert max(got.count(s) for s in range(1, 11)) <= 2, got
+    finally:
+        proxy.close()
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.mark.skipif(
+    not shutil.which("openssl") or not shutil.which("mosquitto_passwd"),
+    reason="needs openssl and mosquitto_passwd",
+)
+def test_tls_with_client_certificate_and_password(tmp_broker_dir: Path, tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        cwd=pki,
+    )
+    for name, san in (("server", "IP:127.0.0.1"), ("client", "DNS:gate")):
+        _openssl(
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=pki,
+        )
+        (pki / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            cwd=pki,
+        )
+    passwd = tmp_broker_dir / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwd), "gate", "s3cret"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    (tmp_path / "password").write_text("s3cret\n")
+    tls_listener = (
+        f"cafile {pki / 'ca.crt'}\ncertfile {pki / 'server.crt'}\nkeyfile {pki / 'server.key'}\n"
+        f"require_certificate true\npassword_file {passwd}\n"
+    )
+    # allow_anonymous true is in the base config; the password file still checks a given name.
+    (tmp_path / "wrong").write_text("guess\n")
+    with LocalBroker(tmp_broker_dir, extra_config=tls_listener) as tls_broker:
+
+        def tls_config(password_file: str) -> Config:
+            return from_table(
+                {
+                    "device": {"id": unique_name("gate"), "site": unique_name("site")},
+                    "mqtt": {
+                        "host": tls_broker.host,
+                        "port": tls_broker.port,
+                        "tls": True,
+                        "ca_file": str(pki / "ca.crt"),
+                        "cert_file": str(pki / "client.crt"),
+                        "key_file": str(pki / "client.key"),
+                        "username": "gate",
+                        "password_file": str(tmp_path / password_file),
+                    },
+                    "storage": {"dir": str(tmp_path)},
+                }
+            )
+
+        outbox = Outbox(tmp_path / "o.db", max_events=100)
+        outbox.append(event)
+        wrong = Publisher(tls_config("wrong"), outbox, status=lambda: {}).start()
+        try:
+            assert not wrong.wait_connected(0.5)  # CONNACK refused: never counts as connected
+        finally:
+            wrong.stop(timeout=1.0)
+        pub = Publisher(tls_config("password"), outbox, status=lambda: {}).start()
+        try:
+            assert pub.wait_connected(10), tls_broker.log_tail()
+            assert pub.wait_drained(5)
+        finally:
+            pub.stop()
+            outbox.close()

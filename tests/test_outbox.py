@@ -1,0 +1,239 @@
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from scanner.outbox import Outbox, OutboxError, bench_commits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def payload(seq: int, created: str) -> bytes:
+    return f'{{"seq":{seq},"created":"{created}"}}'.encode()
+
+
+def test_seq_starts_at_one_and_is_never_reused(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    with Outbox(db, max_events=100) as ob:
+        assert ob.next_seq == 1
+        assert [ob.append(payload) for _ in range(3)] == [1, 2, 3]
+        assert ob.remove([1, 2, 3]) == 3
+        assert ob.depth() == 0
+        assert ob.append(payload) == 4
+    with Outbox(db, max_events=100) as ob:
+        assert ob.next_seq == 5
+        assert ob.depth() == 1
+        ob.remove_upto(4)
+        assert ob.append(payload) == 5
+
+
+def test_pending_remove_and_oldest(tmp_path: Path) -> None:
+    times = iter(f"2026-01-01T00:00:0{i}.000Z" for i in range(10))
+    with Outbox(tmp_path / "o.db", max_events=100, clock=lambda: next(times)) as ob:
+        assert ob.oldest_created() is None
+        for _ in range(6):
+            ob.append(payload)
+        rows = ob.pending()
+        assert [s for s, _ in rows] == [1, 2, 3, 4, 5, 6]
+        assert rows[0][1] == b'{"seq":1,"created":"2026-01-01T00:00:00.000Z"}'
+        assert [s for s, _ in ob.pending(after_seq=2, limit=2)] == [3, 4]
+        assert ob.remove([2, 5, 99]) == 2
+        assert ob.remove([]) == 0
+        assert [s for s, _ in ob.pending()] == [1, 3, 4, 6]
+        assert ob.oldest_created() == "2026-01-01T00:00:00.000Z"
+        assert ob.remove_upto(3) == 2
+        assert ob.depth() == 2
+        assert ob.oldest_created() == "2026-01-01T00:00:03.000Z"
+
+
+def test_build_failure_stores_nothing_and_keeps_seq(tmp_path: Path) -> None:
+    def broken(seq: int, created: str) -> bytes:
+        raise RuntimeError("encoder bug")
+
+    with Outbox(tmp_path / "o.db", max_events=10) as ob:
+        with pytest.raises(RuntimeError):
+            ob.append(broken)
+        assert ob.depth() == 0
+        assert ob.append(payload) == 1
+
+
+def test_file_is_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        with Outbox(tmp_path / "o.db", max_events=10) as ob:
+            ob.append(payload)
+            for f in tmp_path.iterdir():
+                assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    finally:
+        os.umask(old)
+    loose = tmp_path / "loose.db"
+    loose.touch(mode=0o644)
+    os.chmod(loose, 0o644)
+    Outbox(loose, max_events=10).close()
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o600
+
+
+def test_full_raises_and_recovers(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_events=3) as ob:
+        for _ in range(3):
+            ob.append(payload)
+        with pytest.raises(OutboxError, match="full"):
+            ob.append(payload)
+        ob.remove([1])
+        assert ob.append(payload) == 4
+
+
+def test_disk_full_raises_and_keeps_earlier_rows(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_events=10_000) as ob:
+        ob.append(payload)
+        # Cap the database size: SQLite reports SQLITE_FULL exactly as on a full disk.
+        conn = ob._conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count={pages}")
+        big = os.urandom(64 * 1024)
+        with pytest.raises(OutboxError, match="full"):
+            ob.append(lambda seq, created: big)
+        assert ob.depth() == 1
+        assert ob.next_seq == 2
+        conn.execute("PRAGMA max_page_count=1073741823")
+        assert ob.append(payload) == 2
+
+
+def test_broken_file_raises(tmp_path: Path) -> None:
+    db = tmp_path / "o.db"
+    db.write_bytes(b"this is not an sqlite database, it is a truncated mess" * 100)
+    with pytest.raises(OutboxError, match="cannot"):
+        Outbox(db, max_events=10)
+
+
+def test_closed_raises(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.db", max_events=10)
+    ob.close()
+    ob.close()
+    with pytest.raises(OutboxError, match="closed"):
+        ob.append(payload)
+
+
+def test_read_only_dir_raises() -> None:
+    # Root ignores directory permissions, so when running as root the check runs in a forked
+    # child that has dropped to "nobody". /tmp (not pytest's 0700 tmp) so nobody can reach it.
+    d = Path(tempfile.mkdtemp(prefix="outbox-ro-", dir="/tmp"))
+    try:
+        os.chmod(d, 0o555)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: never return into pytest
+            code = 3
+            try:
+                os.close(r)
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                try:
+                    Outbox(d / "o.db", max_events=10)
+                    code = 1
+                except OutboxError as exc:
+                    os.write(w, exc.reason.encode())
+                    code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            reason = f.read().decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "Outbox opened in a read-only directory"
+        assert "cannot open" in reason
+    finally:
+        os.chmod(d, 0o755)
+        shutil.rmtree(d)
+
+
+CHILD = """
+import sys
+from pathlib import Path
+from scanner.outbox import Outbox
+ob = Outbox(Path(sys.argv[1]), max_events=1_000_000)
+while True:
+    seq = ob.append(lambda seq, created: b'{"seq": %d}' % seq)
+    print(seq, flush=True)  # only after append returned: the row must survive SIGKILL now
+"""
+
+
+def test_sigkill_loses_nothing_committed(tmp_path: Path) -> None:
+    db = tmp_path / "o.db"
+    with Outbox(db, max_events=100) as ob:
+        ob.append(payload)
+        ob.remove([1])  # the child must continue after a deleted seq, not reuse it
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(db)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+    )
+    reported: list[int] = []
+    try:
+        assert proc.stdout is not None
+        # Bounded: the child prints forever until killed; EOF means it died on its own.
+        for line in proc.stdout:
+            reported.append(int(line))
+            if len(reported) >= 40:
+                break
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    assert len(reported) == 40, "child stopped early"
+    assert reported == list(range(2, 42))
+    with Outbox(db, max_events=100_000) as ob:
+        stored = [s for s, _ in ob.pending(limit=100_000)]
+        assert stored[:40] == reported  # every acknowledged append survived
+        assert stored == list(range(2, 2 + len(stored)))  # and nothing half-written
+        assert ob.next_seq == stored[-1] + 1
+        assert ob.depth() == len(stored)
+
+
+def test_two_threads(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.db", max_events=10_000)
+    appended: list[int] = []
+    removed = 0
+    done = threading.Event()
+
+    def producer() -> None:
+        try:
+            for _ in range(300):
+                appended.append(ob.append(payload))
+        finally:
+            done.set()
+
+    t = threading.Thread(target=producer)
+    t.start()
+    # Bounded: at most 300 rows exist, and the loop ends once the producer is done and all removed.
+    for _ in range(100_000):
+        rows = ob.pending(limit=50)
+        removed += ob.remove(s for s, _ in rows)
+        if done.is_set() and not rows and ob.depth() == 0:
+            break
+    t.join(timeout=30)
+    assert appended == list(range(1, 301))
+    assert removed == 300
+    assert ob.depth() == 0
+    ob.close()
+
+
+def test_bench_commits(tmp_path: Path) -> None:
+    db = tmp_path / "bench.db"
+    rate = bench_commits(db, 20)
+    assert rate > 0
+    assert not list(tmp_path.iterdir())
+    db.touch()
+    with pytest.raises(FileExistsError):
+        bench_commits(db, 5)
