@@ -1,0 +1,337 @@
+"""Relay, LED and buzzer behaviour on gpiozero MockFactory pins: whole pin histories, not samples."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from gpiozero import Device
+from gpiozero.pins.mock import MockFactory, MockPin
+
+from scanner.config import GpioConfig
+from scanner.signals import PinFactoryError, Signals, force_relay_off, make_pin_factory
+
+RELAY, GREEN, RED, BUZZER = 17, 27, 22, 23
+WAIT_S = 3.0  # upper bound for any wait below; normal runs take a fraction of it
+
+
+class RecordingPin(MockPin):
+    """MockPin that logs every claim/function/state write, in order, across all pins of its factory."""
+
+    def __init__(self, factory: RecordingFactory, info: object) -> None:
+        super().__init__(factory, info)
+        factory.record(self, "claimed", None)
+
+    def _set_function(self, value: str) -> None:
+        self.factory.record(self, "function", value)
+        super()._set_function(value)
+
+    def _set_state(self, value: bool) -> None:
+        self.factory.record(self, "state", bool(value))
+        super()._set_state(value)
+
+
+class RecordingFactory(MockFactory):
+    def __init__(self) -> None:
+        super().__init__(pin_class=RecordingPin)
+        self.events: list[tuple[int, str, object]] = []
+        self.changed = threading.Condition()
+
+    def record(self, pin: MockPin, what: str, value: object) -> None:
+        with self.changed:
+            self.events.append((int(pin.info.name.removeprefix("GPIO")), what, value))
+            self.changed.notify_all()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = WAIT_S) -> bool:
+        """Wait for a pin write that makes ``predicate`` true (the blink threads write pins)."""
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout=timeout)
+
+    def states(self, pin: int) -> list[bool]:
+        return [s.state for s in self.pin(pin).states]
+
+
+class FastSignals(Signals):
+    """Same logic, pattern times shortened so the suite stays quick."""
+
+    REJECT_RED_S = 0.15
+    FAULT_ON_S = 0.05
+    FAULT_OFF_S = 0.1
+    BEEP_S = 0.02
+    BEEP_GAP_S = 0.02
+    RELAY_GAP_S = 0.1
+
+
+@pytest.fixture
+def factory() -> Iterator[RecordingFactory]:
+    f = RecordingFactory()
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def gpio(**kw: object) -> GpioConfig:
+    values: dict[str, object] = {"pin_factory": "mock", "relay_pulse_s": 0.2, "relay_max_on_s": 1.0}
+    values.update(kw)
+    return GpioConfig(**values)  # type: ignore[arg-type]
+
+
+def on_durations(pin: MockPin) -> tuple[list[float], list[float]]:
+    """(on durations, off gaps between energisings) of an active-high pin's history."""
+    ons, gaps = [], []
+    states = pin.states
+    for i in range(1, len(states) - 1):
+        if states[i].state and not states[i + 1].state:
+            ons.append(states[i + 1].timestamp)
+        if not states[i].state and states[i + 1].state:
+            gaps.append(states[i + 1].timestamp)
+    return ons, gaps
+
+
+@pytest.mark.parametrize("active_high", [True, False])
+def test_relay_is_driven_off_before_any_other_pin_is_touched(
+    factory: RecordingFactory, active_high: bool
+) -> None:
+    with Signals(gpio(relay_active_high=active_high), pin_factory=factory):
+        first_other = next(i for i, e in enumerate(factory.events) if e[0] != RELAY)
+        relay_events = factory.events[:first_other]
+        off_level = not active_high
+        assert relay_events == [
+            (RELAY, "claimed", None),
+            (RELAY, "function", "output"),
+            (RELAY, "state", off_level),
+        ]
+        # A fresh mock pin reads low, so an active-low relay shows one write: to high (off).
+        assert factory.states(RELAY) == ([False] if active_high else [False, True])
+    assert factory.states(RELAY) == ([False] if active_high else [False, True])
+
+
+def test_accept_is_exactly_one_pulse_with_green_and_one_beep(
+    factory: RecordingFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="scanner.signals")
+    with FastSignals(gpio(relay_pulse_s=0.2), pin_factory=factory) as signals:
+        relay = factory.pin(RELAY)
+        relay.clear_states()
+        signals.accepted()
+        assert factory.wait_until(lambda: len(relay.states) >= 3)
+        assert factory.wait_until(lambda: factory.states(BUZZER) == [False, True, False])
+        assert factory.wait_until(lambda: factory.states(GREEN) == [False, True, False])
+        assert factory.states(RELAY) == [False, True, False]
+        relay.assert_states_and_times([(0.0, False), (0.0, True), (0.2, False)])
+        factory.pin(GREEN).assert_states_and_times([(0.0, False), (0.0, True), (0.2, False)])
+        assert factory.states(RED) == [False]
+        assert signals.guard_trips == 0
+    messages = [r.getMessage() for r in caplog.records if r.name == "scanner.signals"]
+    assert "relay on (pulse 0.2 s)" in messages
+    assert "relay off" in messages
+
+
+def test_reject_never_energises_the_relay(factory: RecordingFactory) -> None:
+    with FastSignals(gpio(), pin_factory=factory) as signals:
+        signals.rejected()
+        assert factory.wait_until(lambda: factory.states(RED) == [False, True, False])
+        assert factory.wait_until(lambda: factory.states(BUZZER) == [False] + [True, False] * 3)
+        factory.pin(RED).assert_states_and_times([(0.0, False), (0.0, True), (0.15, False)])
+    assert factory.states(RELAY) == [False]
+    assert factory.states(GREEN) == [False]
+
+
+def test_reject_during_a_pulse_lets_the_pulse_finish_but_drops_green(factory: RecordingFactory) -> None:
+    with FastSignals(gpio(relay_pulse_s=0.3), pin_factory=factory) as signals:
+        signals.accepted()
+        assert factory.wait_until(lambda: factory.states(RELAY) == [False, True])
+        signals.rejected()
+        assert factory.states(GREEN) == [False, True, False]
+        assert factory.wait_until(lambda: factory.states(RELAY) == [False, True, False])
+        factory.pin(RELAY).assert_states_and_times([(0.0, False), (0.0, True), (0.3, False)])
+
+
+def test_close_during_a_pulse_drops_the_relay_first(factory: RecordingFactory) -> None:
+    signals = Signals(gpio(relay_pulse_s=5.0, relay_max_on_s=10.0), pin_factory=factory)
+    signals.accepted()
+    assert factory.wait_until(lambda: factory.states(RELAY) == [False, True])
+    mark = len(factory.events)
+    started = time.monotonic()
+    signals.close()
+    assert time.monotonic() - started < 2.0
+    assert factory.states(RELAY) == [False, True, False]
+    assert factory.events[mark] == (RELAY, "state", False)
+    assert factory.pin(RELAY).function == "input"  # released
+    signals.close()  # idempotent
+    signals.accepted()  # ignored after close, must not raise
+    assert factory.states(RELAY) == [False, True, False]
+
+
+def test_exception_inside_with_block_leaves_relay_off(factory: RecordingFactory) -> None:
+    with (
+        pytest.raises(RuntimeError, match="camera fell off"),
+        Signals(gpio(relay_pulse_s=5.0, relay_max_on_s=10.0), pin_factory=factory) as signals,
+    ):
+        signals.accepted()
+        assert factory.wait_until(lambda: factory.states(RELAY) == [False, True])
+        raise RuntimeError("camera fell off")
+    assert factory.states(RELAY) == [False, True, False]
+
+
+def test_repeated_accepts_restart_the_pulse_but_never_exceed_max_on_time(factory: RecordingFactory) -> None:
+    max_on = 0.3
+    with FastSignals(gpio(relay_pulse_s=0.2, relay_max_on_s=max_on), pin_factory=factory) as signals:
+        relay = factory.pin(RELAY)
+        relay.clear_states()
+        tick = threading.Event()
+        end = time.monotonic() + 0.9
+        while time.monotonic() < end:  # a queue: someone accepted every 50 ms
+            signals.accepted()
+            tick.wait(0.05)
+        assert factory.wait_until(lambda: not relay.state)
+        ons, gaps = on_durations(relay)
+        assert signals.guard_trips == 0
+    assert len(ons) >= 2, relay.states  # the queue kept being served after the cut
+    assert all(d <= max_on + 0.01 for d in ons), ons
+    assert all(g >= FastSignals.RELAY_GAP_S - 0.01 for g in gaps), gaps
+    assert ons[0] >= max_on - 0.05  # restarts did extend the first pulse up to the ceiling
+
+
+def test_single_restart_extends_pulse_from_the_second_accept(factory: RecordingFactory) -> None:
+    with FastSignals(gpio(relay_pulse_s=0.2, relay_max_on_s=1.0), pin_factory=factory) as signals:
+        relay = factory.pin(RELAY)
+        relay.clear_states()
+        signals.accepted()
+        threading.Event().wait(0.1)
+        signals.accepted()
+        assert factory.wait_until(lambda: len(relay.states) >= 3)
+        relay.assert_states_and_times([(0.0, False), (0.0, True), (0.3, False)])
+
+
+def test_guard_forces_relay_off_when_pulse_logic_is_stuck(
+    factory: RecordingFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    max_on = 0.3
+    with Signals(gpio(relay_pulse_s=max_on, relay_max_on_s=max_on), pin_factory=factory) as signals:
+        relay = factory.pin(RELAY)
+        relay.clear_states()
+        signals.accepted()
+        assert factory.wait_until(lambda: relay.state)
+        # Hold the pulse logic's lock: its thread can no longer switch the relay off.
+        with signals._cond:
+            assert factory.wait_until(lambda: not relay.state, timeout=max_on + 1.0)
+            assert signals.guard_trips == 1
+        assert factory.states(RELAY) == [False, True, False]
+        relay.assert_states_and_times([(0.0, False), (0.0, True), (max_on, False)])
+        assert relay.states[2].timestamp <= max_on + 0.03
+    assert any("max on-time guard" in r.getMessage() for r in caplog.records)
+
+
+def test_fault_pattern_blinks_and_clears(factory: RecordingFactory) -> None:
+    with FastSignals(gpio(), pin_factory=factory) as signals:
+        red = factory.pin(RED)
+        red.clear_states()
+        signals.set_fault(True)
+        assert signals.faulty
+        assert factory.wait_until(lambda: len(red.states) >= 6)
+        assert factory.states(RED)[:6] == [False, True, False, True, False, True]
+        red.assert_states_and_times(
+            [(0.0, False), (0.0, True), (0.05, False), (0.1, True), (0.05, False), (0.1, True)]
+        )
+        signals.set_fault(False)
+        assert factory.wait_until(lambda: not red.state)
+        settled = len(red.states)
+        threading.Event().wait(0.3)  # two full fault periods: nothing may blink any more
+        assert len(red.states) == settled
+        assert factory.states(RELAY) == [False]
+
+
+def test_reject_during_fault_restores_the_fault_pattern(factory: RecordingFactory) -> None:
+    with FastSignals(gpio(), pin_factory=factory) as signals:
+        red = factory.pin(RED)
+        signals.set_fault(True)
+        assert factory.wait_until(lambda: len(red.states) >= 3)
+        red.clear_states()
+        signals.rejected()
+        # The reject shows a steady 0.15 s red, then the blink resumes on its own.
+        assert factory.wait_until(lambda: len(red.states) >= 6)
+        states = red.states
+        steady = [s.timestamp for i, s in enumerate(states[1:], 1) if not s.state and states[i - 1].state]
+        assert any(abs(t - FastSignals.REJECT_RED_S) < 0.05 for t in steady), states
+        assert factory.states(RED)[-1] in (True, False)
+        # Accepts during a fault leave the red pattern alone.
+        before = threading.Event()
+        signals.accepted()
+        before.wait(0.1)
+        n = len(red.states)
+        assert factory.wait_until(lambda: len(red.states) > n)
+        assert signals.faulty
+
+
+def test_force_relay_off_drives_a_stuck_high_pin_low_and_touches_nothing_else(
+    factory: RecordingFactory,
+) -> None:
+    pin = factory.pin(RELAY)
+    pin.function = "output"
+    pin.state = True  # what a SIGKILLed daemon may leave behind
+    force_relay_off(gpio(relay_active_high=True), factory)
+    assert factory.states(RELAY) == [False, True, False]
+    assert pin.function == "input"  # released again
+    assert {e[0] for e in factory.events} == {RELAY}
+
+
+def test_force_relay_off_active_low(factory: RecordingFactory) -> None:
+    pin = factory.pin(RELAY)
+    pin.function = "output"
+    pin.state = True
+    pin.state = False  # active-low relay left energised
+    force_relay_off(gpio(relay_active_high=False), factory)
+    assert factory.states(RELAY) == [False, True, False, True]
+
+
+def test_make_pin_factory_mock_does_not_set_the_global() -> None:
+    before = Device.pin_factory
+    f = make_pin_factory("mock")
+    try:
+        assert isinstance(f, MockFactory)
+        assert Device.pin_factory is before
+    finally:
+        f.close()
+
+
+def test_make_pin_factory_auto_names_what_it_tried(monkeypatch: pytest.MonkeyPatch) -> None:
+    import scanner.signals as signals_module
+
+    def broken(name: str) -> object:
+        raise OSError(f"no {name} here")
+
+    monkeypatch.setattr(signals_module, "_load_factory", broken)
+    with pytest.raises(PinFactoryError) as info:
+        make_pin_factory("auto")
+    for name in ("lgpio", "rpigpio", "native"):
+        assert name in str(info.value)
+    with pytest.raises(PinFactoryError, match="lgpio"):
+        make_pin_factory("lgpio")
+    with pytest.raises(PinFactoryError, match="unknown"):
+        make_pin_factory("bogus")
+
+
+def test_make_pin_factory_auto_picks_first_that_works(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import scanner.signals as signals_module
+
+    made = MockFactory()
+
+    def fake(name: str) -> object:
+        if name == "lgpio":
+            raise ImportError("No module named 'lgpio'")
+        return made
+
+    monkeypatch.setattr(signals_module, "_load_factory", fake)
+    caplog.set_level(logging.INFO, logger="scanner.signals")
+    try:
+        assert make_pin_factory("auto") is made
+        assert "gpio pin factory: rpigpio (auto)" in caplog.text
+    finally:
+        made.close()
