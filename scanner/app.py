@@ -133,9 +133,15 @@ class Gate:
 
         def build(seq: int, _created: str) -> bytes:
             event = events.build_event(
-                decision, seq=seq, event_id=self._ids.new(int(scanned_at.timestamp() * 1000)),
-                device=device.id, site=device.site, direction=device.direction,
-                scanned_at=scanned_at, clock_synced=synced, pseudonymizer=self._pseudonymizer,
+                decision,
+                seq=seq,
+                event_id=self._ids.new(int(scanned_at.timestamp() * 1000)),
+                device=device.id,
+                site=device.site,
+                direction=device.direction,
+                scanned_at=scanned_at,
+                clock_synced=synced,
+                pseudonymizer=self._pseudonymizer,
             )
             return events.to_json(event)
 
@@ -158,7 +164,11 @@ class Gate:
             self._signals.rejected()
         self.reasons[decision.reason] += 1
         log.info(
-            "seq=%d %s reason=%s type=%s%s", seq, decision.outcome, decision.reason, credential.type,
+            "seq=%d %s reason=%s type=%s%s",
+            seq,
+            decision.outcome,
+            decision.reason,
+            credential.type,
             f" ({decision.detail})" if decision.detail else "",
         )
         self._on_committed()
@@ -201,25 +211,37 @@ class App:
         """Run until ``stop`` is set (exit 0) or a finite source ends (drain, exit 0)."""
         config = self.config
         pin_factory = self._pin_factory or make_pin_factory(config.gpio.pin_factory)
-        # Signals first: constructing them drives the relay off before anything else can fail.
-        with Signals(config.gpio, pin_factory=pin_factory) as signals:
-            outbox = Outbox(config.storage.dir / "outbox.db", config.storage.outbox_max_events)
-            try:
-                return self._run_with(signals, outbox, stop)
-            finally:
-                signals.relay_off()
-                outbox.close()
-                if self._pin_factory is None:
-                    pin_factory.close()
+        try:
+            # Signals first: constructing them drives the relay off before anything else can fail.
+            with Signals(config.gpio, pin_factory=pin_factory) as signals:
+                # Check-ins are personal data: the state directory is readable by the daemon alone.
+                config.storage.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                outbox = Outbox(config.storage.dir / "outbox.db", config.storage.outbox_max_events)
+                try:
+                    return self._run_with(signals, outbox, stop)
+                finally:
+                    signals.relay_off()
+                    outbox.close()
+        finally:
+            if self._pin_factory is None:  # ours to close; an injected factory belongs to the caller
+                pin_factory.close()
 
     def _run_with(self, signals: Signals, outbox: Outbox, stop: threading.Event) -> int:
         config = self.config
         pseudonymizer = events.Pseudonymizer(events.load_or_create_key(config.subject_key_path))
-        publisher = Publisher(config, outbox, status=self.status, on_alarm=self.alarms.raise_)
+        publisher = Publisher(
+            config, outbox, status=self.status, on_alarm=self.alarms.raise_, on_alarm_clear=self.alarms.clear
+        )
         self.alarms.on_change = publisher.publish_status
         self.gate = gate = Gate(
-            config, decoder=Decoder(config.decoder.engines), outbox=outbox, signals=signals,
-            pseudonymizer=pseudonymizer, clock=self._clock, alarms=self.alarms, on_committed=publisher.wake,
+            config,
+            decoder=Decoder(config.decoder.engines),
+            outbox=outbox,
+            signals=signals,
+            pseudonymizer=pseudonymizer,
+            clock=self._clock,
+            alarms=self.alarms,
+            on_committed=publisher.wake,
         )
         source = self._source or open_source(config.camera)
         slot = LatestFrameSlot()
@@ -230,9 +252,11 @@ class App:
         except CameraError as exc:
             self._camera_failed(signals, exc)
         capture = threading.Thread(
-            target=run_capture, args=(source, slot, capture_stop),
+            target=run_capture,
+            args=(source, slot, capture_stop),
             kwargs={"on_error": lambda exc: self._camera_failed(signals, exc)},
-            name="capture", daemon=True,
+            name="capture",
+            daemon=True,
         )
         capture.start()
         watchdog = health.WatchdogFeeder(self._notifier, self._alive, stop)
@@ -246,22 +270,25 @@ class App:
             capture.join(timeout=config.camera.capture_timeout_s + 1)
             source.close()
             signals.relay_off()
-        exit_code = 0
-        if finished is None:
-            exit_code = 1
-        elif finished:
-            drained = publisher.wait_drained(config.daemon.drain_timeout_s)
-            if not drained:
-                log.warning(
-                    "source ended; %d check-ins still unsent after %.0f s: they stay in the outbox "
-                    "and go out on the next run", outbox.depth(), config.daemon.drain_timeout_s,
-                )
+        # Flush what we can before saying offline. A stop request gets a short wait (systemd's
+        # stop timeout is 20 s); a finished replay waits the configured time. Unsent rows are
+        # not lost either way: they stay in the outbox for the next start.
+        drain_s = config.daemon.drain_timeout_s if finished else min(config.daemon.drain_timeout_s, 5.0)
+        if not publisher.wait_drained(drain_s):
+            log.warning(
+                "%d check-ins still unsent after %.0f s: they stay in the outbox for the next run",
+                outbox.depth(),
+                drain_s,
+            )
+        exit_code = 1 if finished is None else 0
         stop.set()
         publisher.stop()
         watchdog_thread.join(timeout=2)
         return exit_code
 
-    def _pipeline(self, gate: Gate, slot: LatestFrameSlot, signals: Signals, stop: threading.Event) -> bool | None:
+    def _pipeline(
+        self, gate: Gate, slot: LatestFrameSlot, signals: Signals, stop: threading.Event
+    ) -> bool | None:
         """Returns True when a finite source ended, False on stop, None when the pipeline broke."""
         last_seq = -1
         errors = 0

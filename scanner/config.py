@@ -37,9 +37,7 @@ class DeviceConfig:
 
 @dataclass(frozen=True, slots=True)
 class CameraConfig:
-    source: str = _opt(
-        "picamera2", "picamera2 | v4l2:/dev/videoN | rtsp://… | file:clip.mp4 | dir:frames/"
-    )
+    source: str = _opt("picamera2", "picamera2 | v4l2:/dev/videoN | rtsp://… | file:clip.mp4 | dir:frames/")
     width: int = _opt(640, "frame width in pixels", min=64, max=4096)
     height: int = _opt(480, "frame height in pixels", min=64, max=4096)
     fps: float = _opt(30.0, "capture rate; dir: sources are paced at it", min=0.1, max=120.0)
@@ -52,7 +50,8 @@ class CameraConfig:
 @dataclass(frozen=True, slots=True)
 class DecoderConfig:
     engines: tuple[str, ...] = _opt(
-        ("zxing", "zbar"), "zxing on every frame; zbar only on a candidate zxing could not read",
+        ("zxing", "zbar"),
+        "zxing on every frame; zbar only on a candidate zxing could not read",
         choices=("zxing", "zbar"),
     )
 
@@ -67,7 +66,8 @@ class TrackConfig:
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
     accept: tuple[str, ...] = _opt(
-        ("signed", "dcc", "cccd", "plain"), "credential types that may open the gate",
+        ("signed", "dcc", "cccd", "plain"),
+        "credential types that may open the gate",
         choices=("signed", "dcc", "cccd", "plain"),
     )
     allowlist_file: Path | None = _opt(
@@ -215,8 +215,12 @@ def _cross_checks(c: Config) -> list[str]:
         problems.append(
             f"gpio.relay_pulse_s: {c.gpio.relay_pulse_s} exceeds gpio.relay_max_on_s {c.gpio.relay_max_on_s}"
         )
-    pins = {"relay_pin": c.gpio.relay_pin, "green_pin": c.gpio.green_pin,
-            "red_pin": c.gpio.red_pin, "buzzer_pin": c.gpio.buzzer_pin}
+    pins = {
+        "relay_pin": c.gpio.relay_pin,
+        "green_pin": c.gpio.green_pin,
+        "red_pin": c.gpio.red_pin,
+        "buzzer_pin": c.gpio.buzzer_pin,
+    }
     seen: dict[int, str] = {}
     for name, pin in pins.items():
         if pin in seen:
@@ -292,10 +296,14 @@ def _convert(hint: Any, value: Any, key: str, meta: Any, problems: list[str], ba
             return bad(f"expected true or false, got {_tname(value)} {value!r}")
         return True, value
     if hint is int or hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            hint is int and isinstance(value, float)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (hint is int and isinstance(value, float))
         ):
-            return bad(f"expected {'an integer' if hint is int else 'a number'}, got {_tname(value)} {value!r}")
+            return bad(
+                f"expected {'an integer' if hint is int else 'a number'}, got {_tname(value)} {value!r}"
+            )
         lo, hi = meta.get("min"), meta.get("max")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             return bad(f"{value} is out of range {lo}..{hi}")
@@ -329,21 +337,39 @@ def _convert(hint: Any, value: Any, key: str, meta: Any, problems: list[str], ba
 
 
 def _tname(value: Any) -> str:
-    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "a table",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
 
 
 def describe() -> list[tuple[str, str, str]]:
-    """(key, default, doc) rows for the README's configuration reference."""
+    """(key, default as TOML, doc) rows: the README's configuration reference is checked against it."""
     rows = []
     hints = typing.get_type_hints(Config)
     for section in fields(Config):
         if section.metadata.get("derived"):
             continue
-        cls = hints[section.name]
-        for f in fields(cls):
-            default = "required" if f.default is MISSING and f.default_factory is MISSING else (
-                repr(f.default if f.default is not MISSING else f.default_factory())
-            )
+        for f in fields(hints[section.name]):
+            if f.default is MISSING and f.default_factory is MISSING:
+                default = "required"
+            else:
+                default = _toml_value(f.default if f.default is not MISSING else f.default_factory())
             rows.append((f"{section.name}.{f.name}", default, f.metadata.get("doc", "")))
     return rows
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | Path):
+        return f'"{value}"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)

@@ -58,8 +58,8 @@ fps = {fps}
 
 [policy]
 accept = ["plain"]
-allowlist_file = "{workdir / 'allow.txt'}"
-denylist_file = "{workdir / 'deny.txt'}"
+allowlist_file = "{workdir / "allow.txt"}"
+denylist_file = "{workdir / "deny.txt"}"
 
 [gpio]
 pin_factory = "mock"
@@ -70,7 +70,7 @@ host = "127.0.0.1"
 port = {broker_port}
 
 [storage]
-dir = "{workdir / 'state'}"
+dir = "{workdir / "state"}"
 delivery = "broker"
 
 [daemon]
@@ -87,8 +87,9 @@ class Subscriber:
         self.checkins: list[dict[str, object]] = []
         self._on_line = on_line
         self._subscribed = threading.Event()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-subscriber",
-                                   protocol=mqtt.MQTTv5)
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="demo-subscriber", protocol=mqtt.MQTTv5
+        )
         self._client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
         self._client.on_subscribe = lambda *_: self._subscribed.set()
         self._client.on_message = self._message
@@ -146,7 +147,9 @@ def _demo(root: Path) -> int:
         try:
             daemon = subprocess.Popen(
                 [sys.executable, "-m", "scanner", "run", "--config", str(config)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
             assert daemon.stdout is not None
@@ -157,8 +160,10 @@ def _demo(root: Path) -> int:
         finally:
             subscriber.close()
         outcomes = ", ".join(f"{e['decision']}/{e['reason']}" for e in subscriber.checkins)
-        say(f"demo: daemon exited {code}; subscriber received {len(subscriber.checkins)} of "
-            f"{len(SCENES)} check-ins: {outcomes}")
+        say(
+            f"demo: daemon exited {code}; subscriber received {len(subscriber.checkins)} of "
+            f"{len(SCENES)} check-ins: {outcomes}"
+        )
         return 0 if code == 0 and deadline_ok else 1
     finally:
         broker.stop()

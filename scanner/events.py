@@ -128,7 +128,11 @@ def to_json(event: CheckinEvent) -> bytes:
         "issuer": fields.pop("issuer"),
         "valid_until": fields.pop("valid_until"),
     }
-    document = {"schema": SCHEMA, **fields, "credential": {k: v for k, v in credential.items() if v is not None}}
+    document = {
+        "schema": SCHEMA,
+        **fields,
+        "credential": {k: v for k, v in credential.items() if v is not None},
+    }
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 

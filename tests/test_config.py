@@ -36,7 +36,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path):
     ("extra", "expected"),
     [
         ('[device]\nid = "x"\nsite = "s"\ncolour = "red"\n', "device.colour: unknown key"),
-        (MINIMAL + "[gpio]\nrelay_pin = \"seventeen\"\n", "gpio.relay_pin: expected an integer"),
+        (MINIMAL + '[gpio]\nrelay_pin = "seventeen"\n', "gpio.relay_pin: expected an integer"),
         (MINIMAL + "[gpio]\nrelay_pin = 99\n", "gpio.relay_pin: 99 is out of range 0..53"),
         (MINIMAL + "[gpio]\nrelay_active_high = 1\n", "gpio.relay_active_high: expected true or false"),
         (MINIMAL + "[mqtt]\nport = 70000\n", "mqtt.port: 70000 is out of range"),
@@ -80,7 +80,9 @@ def test_password_is_read_from_its_file_and_kept_out_of_repr(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "scanner", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "scanner", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_check_config_cli_exit_codes(tmp_path):

@@ -14,11 +14,21 @@ SCHEMA = json.loads(events.schema_path().read_text())
 
 def make(payload: bytes, seq: int = 1, key: bytes = b"k" * 32) -> dict:
     decision = policy.decide(
-        credentials.parse(payload), lists=policy.Lists(), accept=frozenset(CredentialType), site="s", now=datetime.now(UTC)
+        credentials.parse(payload),
+        lists=policy.Lists(),
+        accept=frozenset(CredentialType),
+        site="s",
+        now=datetime.now(UTC),
     )
     event = events.build_event(
-        decision, seq=seq, event_id=events.Uuid7().new(), device="gate-01", site="s", direction="in",
-        scanned_at=datetime(2026, 11, 29, 1, 2, 3, 456789, tzinfo=UTC), clock_synced=True,
+        decision,
+        seq=seq,
+        event_id=events.Uuid7().new(),
+        device="gate-01",
+        site="s",
+        direction="in",
+        scanned_at=datetime(2026, 11, 29, 1, 2, 3, 456789, tzinfo=UTC),
+        clock_synced=True,
         pseudonymizer=events.Pseudonymizer(key),
     )
     return json.loads(events.to_json(event))

@@ -10,7 +10,10 @@ NOW = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
 ALL = frozenset(CredentialType) - {CredentialType.UNKNOWN}
 
 
-def decide(payload: bytes, *, lists=policy.Lists(), accept=ALL):
+NO_LISTS = policy.Lists()
+
+
+def decide(payload: bytes, *, lists=NO_LISTS, accept=ALL):
     return policy.decide(credentials.parse(payload), lists=lists, accept=accept, site="s1", now=NOW)
 
 

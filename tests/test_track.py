@@ -12,7 +12,10 @@ A, B = b"CODE-A", b"CODE-B"
         ([(t * 0.5, [A]) for t in range(11)], [[A]] + [[]] * 10),  # held in view for 5 s: one scan
         ([(0.0, [A]), (0.5, []), (1.0, [A])], [[A], [], []]),  # a few unreadable frames: still present
         ([(0.0, [A]), (0.1, []), (2.0, [A])], [[A], [], [A]]),  # left the view for > 1.5 s: new scan
-        ([(0.0, [A, B]), (0.1, [B]), (1.0, [B]), (2.0, [A, B])], [[A, B], [], [], [A]]),  # B stayed, A came back
+        (
+            [(0.0, [A, B]), (0.1, [B]), (1.0, [B]), (2.0, [A, B])],
+            [[A, B], [], [], [A]],
+        ),  # B stayed, A came back
         ([(0.0, [A, A])], [[A]]),  # both engines reading the same code in one frame
     ],
 )

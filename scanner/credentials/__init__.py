@@ -28,8 +28,13 @@ def parse(payload: bytes) -> Credential:
         except Exception as exc:  # a parser bug must become a reject, never a dead gate
             log.exception("credential parser %s failed", parser.__module__)
             return Credential(
-                CredentialType.UNKNOWN, b"", problem=Reason.MALFORMED, detail=f"parser error: {type(exc).__name__}"
+                CredentialType.UNKNOWN,
+                b"",
+                problem=Reason.MALFORMED,
+                detail=f"parser error: {type(exc).__name__}",
             )
         if credential is not None:
             return credential
-    return Credential(CredentialType.UNKNOWN, b"", problem=Reason.UNKNOWN_FORMAT, detail="no parser recognised it")
+    return Credential(
+        CredentialType.UNKNOWN, b"", problem=Reason.UNKNOWN_FORMAT, detail="no parser recognised it"
+    )

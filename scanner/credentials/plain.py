@@ -35,7 +35,9 @@ def parse(payload: bytes) -> Credential | None:
         )
     if len(payload) > MAX_BYTES:
         return Credential(
-            CredentialType.PLAIN, b"", problem=Reason.MALFORMED,
+            CredentialType.PLAIN,
+            b"",
+            problem=Reason.MALFORMED,
             detail=f"{len(payload)} bytes is longer than a plain code ({MAX_BYTES})",
         )
     return Credential(CredentialType.PLAIN, text.strip().encode("utf-8"))

@@ -1,0 +1,269 @@
+"""End to end: replayed frames → decisions → relay → outbox → a real broker → an independent subscriber."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+import jsonschema
+import pytest
+from gpiozero.pins.mock import MockFactory
+
+from scanner import config as config_mod
+from scanner import events, synth
+from scanner.app import App
+from scanner.demo import ALLOWED, DENIED, write_demo_files
+from scanner.localbroker import LocalBroker
+from tests.mqtt_helpers import Subscriber, wait_until
+
+SCHEMA = json.loads(events.schema_path().read_text())
+RANDOM_BYTES = bytes(range(0x80, 0xC0))
+OVERSIZED = ("OVERSIZED-" * 60).encode()  # 600 bytes: far past a plain code's 256
+
+
+def configure(workdir: Path, port: int, scenes: Sequence[tuple[str, bytes | str]], **overrides: object):
+    """The demo's gate config over these scenes, with ``section.key`` overrides."""
+    path = write_demo_files(workdir, broker_port=port, scenes=scenes, fps=40.0)
+    path.write_text(_toml(_table(path, overrides)))
+    return config_mod.load(path)
+
+
+def _table(path: Path, overrides: dict[str, object]) -> dict:
+    table = tomllib.loads(path.read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        table.setdefault(section, {})[key] = value
+    return table
+
+
+def run_app(cfg: config_mod.Config, factory: MockFactory, timeout: float = 60.0) -> tuple[App, int]:
+    app = App(cfg, pin_factory=factory)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(app.run(threading.Event())), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the daemon did not finish its finite source"
+    return app, result[0]
+
+
+def checkins(sub: Subscriber) -> list[dict]:
+    with sub._cond:
+        return [json.loads(m.payload) for m in sub.messages if m.topic.endswith("/checkin")]
+
+
+def seqs(sub: Subscriber) -> set[int]:
+    return {e["seq"] for e in checkins(sub)}
+
+
+def rising_edges(states: list[bool]) -> int:
+    return sum(1 for before, after in itertools.pairwise(states) if after and not before)
+
+
+def check_events(received: list[dict]) -> None:
+    for event in received:
+        jsonschema.validate(event, SCHEMA)
+    seqs = [e["seq"] for e in received]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert len({e["event_id"] for e in received}) == len(received)
+
+
+SCENES = (
+    ("allowed", ALLOWED[0]),
+    ("denied", DENIED[0]),
+    ("unknown", "VISITOR-7"),
+    ("random bytes", RANDOM_BYTES),
+    ("allowed again", ALLOWED[1]),
+)
+
+
+def test_frames_to_subscriber_with_relay_history(tmp_path):
+    with LocalBroker(tmp_path / "broker") as broker, Subscriber(broker, "gate/#") as sub:
+        cfg = configure(tmp_path, broker.port, SCENES)
+        factory = MockFactory()
+        try:
+            _, code = run_app(cfg, factory)
+            relay_states = [s.state for s in factory.pin(cfg.gpio.relay_pin).states]
+        finally:
+            factory.close()
+        assert code == 0
+        assert wait_until(lambda: len(checkins(sub)) >= len(SCENES), 10), checkins(sub)
+    received = checkins(sub)
+    check_events(received)
+    assert [(e["decision"], e["reason"]) for e in received] == [
+        ("accepted", "ok"),
+        ("rejected", "denylisted"),
+        ("rejected", "not_allowlisted"),
+        ("rejected", "unknown_format"),
+        ("accepted", "ok"),
+    ]
+    # The relay starts off, pulses exactly once per accept, never on a reject, and ends off.
+    assert relay_states[0] is False and relay_states[-1] is False
+    assert rising_edges(relay_states) == 2
+    assert sub.payloads(cfg.topic("availability"))[-1] == b"offline"
+    for text in ALLOWED + DENIED + ("VISITOR-7",):
+        assert text.encode() not in b"".join(sub.payloads())
+
+
+def test_hostile_payloads_are_rejected_and_the_gate_keeps_scanning(tmp_path):
+    scenes = (
+        ("random bytes", RANDOM_BYTES),
+        ("oversized", OVERSIZED),
+        ("control chars", b"EMP\x00\x1b[2J"),
+        ("allowed", ALLOWED[0]),
+    )
+    with LocalBroker(tmp_path / "broker") as broker, Subscriber(broker, "gate/#") as sub:
+        cfg = configure(tmp_path, broker.port, scenes)
+        factory = MockFactory()
+        try:
+            _, code = run_app(cfg, factory)
+        finally:
+            factory.close()
+        assert code == 0
+        assert wait_until(lambda: len(checkins(sub)) >= 4, 10), checkins(sub)
+    check_events(checkins(sub))
+    assert [e["reason"] for e in checkins(sub)] == ["unknown_format", "malformed", "unknown_format", "ok"]
+
+
+def test_broker_outage_mid_run_loses_nothing(tmp_path):
+    scenes = [(f"person {i}", ALLOWED[i % len(ALLOWED)] if i % 2 else f"VISITOR-{i}") for i in range(12)]
+    with (
+        LocalBroker(tmp_path / "broker", persistence=True) as broker,
+        Subscriber(broker, "gate/+/+/checkin", persistent=True) as sub,
+    ):
+        cfg = configure(tmp_path, broker.port, scenes, **{"daemon.drain_timeout_s": 30.0})
+        factory = MockFactory()
+        app = App(cfg, pin_factory=factory)
+        result: list[int] = []
+        thread = threading.Thread(target=lambda: result.append(app.run(threading.Event())), daemon=True)
+        thread.start()
+        try:
+            assert wait_until(lambda: len(checkins(sub)) >= 2, 20)
+            broker.stop()
+            # Scans go on while the broker is down: they are committed, not sent.
+            assert wait_until(lambda: app.gate is not None and sum(app.gate.reasons.values()) >= 6, 20)
+            broker.start()
+            thread.join(60)
+            assert not thread.is_alive()
+        finally:
+            factory.close()
+        assert result == [0]
+        assert wait_until(lambda: len(seqs(sub)) >= len(scenes), 20)
+    unique = {e["seq"]: e for e in checkins(sub)}
+    assert sorted(unique) == list(range(1, len(scenes) + 1))
+    check_events(list(unique.values()))
+
+
+def test_sigkill_with_unsent_rows_then_restart_delivers_everything(tmp_path):
+    scenes = [(f"person {i}", f"VISITOR-{i}") for i in range(5)]
+    broker = LocalBroker(tmp_path / "broker", persistence=True)  # not started: the link is down
+    cfg = configure(tmp_path, broker.port, scenes)
+    db = cfg.storage.dir / "outbox.db"
+    log = tmp_path / "daemon1.log"
+    with open(log, "wb") as err:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "scanner", "run", "--config", str(cfg.path)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        try:
+            assert wait_until(lambda: _depth_or_zero(db) >= len(scenes), 60), log.read_text()
+        finally:
+            daemon.send_signal(signal.SIGKILL)
+            daemon.wait(10)
+    assert daemon.returncode == -signal.SIGKILL
+    # After the crash, start the broker and the daemon again on frames with no codes in them.
+    empty = tmp_path / "empty-frames"
+    synth.demo_frames(empty, [], fps=40.0)
+    with broker, Subscriber(broker, "gate/+/+/checkin") as sub:
+        path = tmp_path / "restart.toml"
+        path.write_text(_toml(_table(cfg.path, {"camera.source": f"dir:{empty}"})))
+        result = subprocess.run(
+            [sys.executable, "-m", "scanner", "run", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert wait_until(lambda: len(seqs(sub)) >= len(scenes), 20)
+    assert sorted(seqs(sub)) == list(range(1, len(scenes) + 1))
+    check_events(checkins(sub))
+    assert outbox_depth(db) == 0
+
+
+def test_sigterm_stops_cleanly_with_relay_off_and_offline(tmp_path):
+    scenes = [(f"person {i}", ALLOWED[0] if i % 3 == 0 else f"V-{i}") for i in range(40)]
+    with LocalBroker(tmp_path / "broker") as broker, Subscriber(broker, "gate/#") as sub:
+        cfg = configure(tmp_path, broker.port, scenes)
+        log = tmp_path / "daemon.log"
+        with open(log, "wb") as err:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "scanner", "run", "--config", str(cfg.path)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+            try:
+                assert wait_until(lambda: len(checkins(sub)) >= 2, 30), log.read_text()
+                daemon.send_signal(signal.SIGTERM)
+                assert daemon.wait(30) == 0, log.read_text()
+            finally:
+                if daemon.poll() is None:
+                    daemon.kill()
+        assert sub.wait_payload(cfg.topic("availability"), b"offline", 10)
+    text = log.read_text()
+    assert "received SIGTERM" in text
+    # Everything committed before the stop was sent (or stays in the outbox for the next run).
+    committed = text.count(" seq=")
+    assert len(seqs(sub)) + outbox_depth(cfg.storage.dir / "outbox.db") == committed
+
+
+def test_demo_command_runs_end_to_end():
+    result = subprocess.run(
+        [sys.executable, "-m", "scanner", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    out = result.stdout
+    assert "relay on" in out
+    assert out.count("subscriber ← checkin") == 6
+    assert "reason=denylisted" in out and "reason=unknown_format" in out
+
+
+def outbox_depth(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        return conn.execute("select count(*) from outbox").fetchone()[0]
+
+
+def _depth_or_zero(db: Path) -> int:
+    try:
+        return outbox_depth(db)
+    except sqlite3.Error:  # the daemon is still creating it
+        return 0
+
+
+def _toml(table: dict) -> str:
+    lines = []
+    for section, values in table.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(autouse=True)
+def _no_system_notify(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    _ = os.environ
