@@ -306,6 +306,7 @@ class App:
             if self.camera_state != "ok":
                 self.camera_state = "ok"
                 self.alarms.clear("camera")
+                self.alarms.on_change()  # the retained status says "starting"/"failed" until now
                 if "outbox" not in self.alarms.snapshot():
                     signals.set_fault(False)
             if not ready:

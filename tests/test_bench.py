@@ -1,0 +1,42 @@
+"""The benchmark command keeps working (its figures are read by people, not asserted here)."""
+
+import json
+import subprocess
+import sys
+
+from scanner.bench import bench_pipeline
+
+
+def test_bench_pipeline_measures_every_figure():
+    figures = bench_pipeline(frames=8)
+    assert figures["relay_opened_on"] == "8/8"
+    for key in ("decode_ms", "frame_to_relay_on_ms"):
+        assert figures[key]["n"] == 8 and 0 < figures[key]["p50"] <= figures[key]["p99"]
+    assert figures["outbox_commits_per_s"] > 0
+    daemon = figures["daemon"]
+    assert daemon["exit_code"] == 0 and daemon["ready_s"] is not None and daemon["peak_rss_mb"] > 0
+
+
+def test_decode_cli_prints_one_json_line_per_image(tmp_path):
+    import cv2
+    import numpy as np
+
+    from scanner import synth
+
+    code = tmp_path / "code.png"
+    cv2.imwrite(str(code), synth.render_scene("EMP-0001", np.random.default_rng(3)))
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((480, 640), 200, np.uint8))
+    result = subprocess.run(
+        [sys.executable, "-m", "scanner", "decode", str(code), str(blank)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(code), str(blank)]
+    (symbol,) = lines[0]["symbols"]
+    assert symbol["text"] == "EMP-0001" and symbol["engine"] == "zxing" and len(symbol["polygon"]) == 4
+    assert lines[1]["symbols"] == []
+    assert all(line["ms"] >= 0 for line in lines)
