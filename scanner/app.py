@@ -254,14 +254,16 @@ class App:
         capture = threading.Thread(
             target=run_capture,
             args=(source, slot, capture_stop),
-            kwargs={"on_error": lambda exc: self._camera_failed(signals, exc)},
+            kwargs={
+                "on_error": lambda exc: self._camera_failed(signals, exc),
+                "read_timeout": config.camera.capture_timeout_s,
+            },
             name="capture",
             daemon=True,
         )
         capture.start()
         watchdog = health.WatchdogFeeder(self._notifier, self._alive, stop)
-        watchdog_thread = threading.Thread(target=watchdog.run, name="watchdog", daemon=True)
-        watchdog_thread.start()
+        watchdog.start()
         try:
             finished = self._pipeline(gate, slot, signals, stop)
         finally:
@@ -283,7 +285,7 @@ class App:
         exit_code = 1 if finished is None else 0
         stop.set()
         publisher.stop()
-        watchdog_thread.join(timeout=2)
+        watchdog.join(timeout=2)
         return exit_code
 
     def _pipeline(
@@ -333,5 +335,6 @@ class App:
     def _alive(self) -> bool:
         """Fed to the systemd watchdog: frames arrived recently and the pipeline loop is turning."""
         now = time.monotonic()
-        frames_ok = now - self._last_frame < max(5.0, 2 * self.config.camera.capture_timeout_s)
+        camera = self.config.camera
+        frames_ok = now - self._last_frame < max(2 * camera.capture_timeout_s, 3 / camera.fps)
         return frames_ok and now - self._last_tick < 5.0

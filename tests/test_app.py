@@ -1,0 +1,201 @@
+"""App and Gate promises that no single module can keep alone."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gpiozero.pins.mock import MockFactory
+
+from scanner import config as config_mod
+from scanner import events, synth
+from scanner.app import Alarms, App, Gate, SystemClock
+from scanner.camera import CameraError
+from scanner.decode import Decoder
+from scanner.health import SystemdNotifier
+from scanner.models import Frame, Reason
+from scanner.outbox import Outbox
+from scanner.signals import Signals
+from tests.mqtt_helpers import wait_until
+
+
+def make_config(tmp_path: Path, **sections: dict) -> config_mod.Config:
+    table = {
+        "device": {"id": "gate-t", "site": "site-t"},
+        "camera": {"source": "dir:unused", "fps": 50.0, "capture_timeout_s": 0.3},
+        "gpio": {"pin_factory": "mock", "relay_pulse_s": 0.2},
+        "mqtt": {"host": "127.0.0.1", "port": 9},  # nothing listens: the gate must not care
+        "storage": {"dir": str(tmp_path / "state"), "outbox_max_events": 10},
+        "daemon": {"drain_timeout_s": 0.5},
+    }
+    for name, values in sections.items():
+        table.setdefault(name, {}).update(values)
+    return config_mod.from_table(table)
+
+
+CODE_FRAME = synth.render_scene("EMP-0001", np.random.default_rng(5))
+
+
+class ScriptedSource:
+    """A camera that delivers ``frames`` frames, then stalls (every read times out) until stopped."""
+
+    finite = False
+
+    def __init__(self, frames: int, image: np.ndarray = CODE_FRAME) -> None:
+        self._left = frames
+        self._image = image
+        self._seq = 0
+        self.stalled = threading.Event()
+        self._never = threading.Event()
+
+    def open(self) -> None:
+        pass
+
+    def read(self, timeout: float) -> Frame | None:
+        if self._left > 0:
+            self._left -= 1
+            self._seq += 1
+            time.sleep(0.02)  # ~50 fps
+            return Frame(self._image, self._seq, time.monotonic())
+        self.stalled.set()
+        self._never.wait(timeout)
+        raise CameraError(f"no frame within {timeout} s")
+
+    def close(self) -> None:
+        pass
+
+
+def test_ready_then_watchdog_only_while_frames_flow_and_fault_while_camera_is_down(tmp_path):
+    sock_path = tmp_path / "notify.sock"
+    received: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(0.05)
+        notifier = SystemdNotifier({"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "100000"})
+        cfg = make_config(tmp_path)
+        factory = MockFactory()
+        source = ScriptedSource(frames=60)
+        app = App(cfg, pin_factory=factory, source=source, notifier=notifier)
+        stop = threading.Event()
+        runner = threading.Thread(target=app.run, args=(stop,), daemon=True)
+        runner.start()
+
+        def pump() -> None:
+            try:
+                received.extend(sock.recv(4096).decode().split("\n"))
+            except TimeoutError:
+                pass
+
+        try:
+            assert wait_until(lambda: (pump(), "READY=1" in received)[1], 10)
+            assert source.stalled.wait(10)
+            assert wait_until(lambda: (pump(), app.camera_state == "failed")[1], 10)
+            # Give the watchdog's alive() time to notice the stall, then count pings.
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                pump()
+            pings_at_stall = received.count("WATCHDOG=1")
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                pump()
+            assert received.count("WATCHDOG=1") == pings_at_stall, "watchdog fed while no frames flow"
+            assert pings_at_stall > 0, "watchdog never fed while frames flowed"
+            assert "camera" in app.alarms.snapshot()
+            red = [s.state for s in factory.pin(cfg.gpio.red_pin).states]
+            assert red.count(True) >= 1  # the slow fault blink has started
+        finally:
+            stop.set()
+            runner.join(15)
+            relay = [s.state for s in factory.pin(cfg.gpio.relay_pin).states]
+            factory.close()
+        assert not runner.is_alive()
+        assert relay[0] is False and relay[-1] is False and relay.count(True) == 1  # one code, one pulse
+
+
+class OrderCheckingSignals(Signals):
+    """Real Signals that also record how many events were durable when the relay was asked to open."""
+
+    def __init__(self, *args, outbox: Outbox, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.depth_at_accept: list[int] = []
+        self._outbox_for_check = outbox
+
+    def accepted(self) -> None:
+        self.depth_at_accept.append(Outbox(self._outbox_for_check.path, 100).depth())
+        super().accepted()
+
+
+def make_gate(cfg, signals, outbox) -> Gate:
+    return Gate(
+        cfg,
+        decoder=Decoder(("zxing",)),
+        outbox=outbox,
+        signals=signals,
+        pseudonymizer=events.Pseudonymizer(b"k" * 32),
+        clock=SystemClock(),
+        alarms=Alarms(),
+    )
+
+
+def test_the_event_is_durable_before_the_relay_moves(tmp_path):
+    cfg = make_config(tmp_path)
+    (tmp_path / "state").mkdir()
+    outbox = Outbox(tmp_path / "state" / "outbox.db", 100)
+    factory = MockFactory()
+    try:
+        with OrderCheckingSignals(cfg.gpio, pin_factory=factory, outbox=outbox) as signals:
+            gate = make_gate(cfg, signals, outbox)
+            (outcome,) = gate.process(Frame(CODE_FRAME, 1, 0.0))
+            assert outcome.decision.accepted and outcome.seq == 1
+            # A second process (another connection) already sees the row when the relay is asked.
+            assert signals.depth_at_accept == [1]
+    finally:
+        outbox.close()
+        factory.close()
+
+
+def test_outbox_full_fails_secure_reject_fault_alarm_and_recovers(tmp_path):
+    cfg = make_config(tmp_path)
+    (tmp_path / "state").mkdir()
+    outbox = Outbox(tmp_path / "state" / "outbox.db", 10)
+    for _ in range(10):
+        outbox.append(lambda seq, created: b"{}")
+    factory = MockFactory()
+    try:
+        with Signals(cfg.gpio, pin_factory=factory) as signals:
+            gate = make_gate(cfg, signals, outbox)
+            (outcome,) = gate.process(Frame(CODE_FRAME, 1, 0.0))
+            assert not outcome.decision.accepted and outcome.seq is None
+            assert outcome.decision.reason == Reason.DEVICE_FAULT
+            assert signals.faulty and "outbox" in gate._alarms.snapshot()
+            # Space comes back (the publisher drained it): the next scan is recorded and the fault clears.
+            outbox.remove(range(1, 11))
+            (outcome,) = gate.process(Frame(CODE_FRAME, 2, 10.0))
+            assert outcome.decision.accepted and outcome.seq == 11
+            assert wait_until(lambda: signals.relay_active, 2)
+            assert not signals.faulty and "outbox" not in gate._alarms.snapshot()
+        relay = [s.state for s in factory.pin(cfg.gpio.relay_pin).states]
+        assert relay.count(True) == 1  # only the recorded scan opened the door
+    finally:
+        outbox.close()
+        factory.close()
+
+
+@pytest.mark.parametrize("payload", [b"\x00" * 50, b"A" * 1200, "Nguyễn Văn A".encode()])
+def test_any_payload_is_a_decision_never_an_exception(tmp_path, payload):
+    cfg = make_config(tmp_path)
+    (tmp_path / "state").mkdir()
+    outbox = Outbox(tmp_path / "state" / "outbox.db", 100)
+    factory = MockFactory()
+    try:
+        with Signals(cfg.gpio, pin_factory=factory) as signals:
+            gate = make_gate(cfg, signals, outbox)
+            outcome = gate._scan(payload)
+            assert outcome.seq == 1 and isinstance(outcome.decision.reason, Reason)
+    finally:
+        outbox.close()
+        factory.close()
