@@ -282,7 +282,12 @@ class App:
                 outbox.depth(),
                 drain_s,
             )
-        exit_code = 1 if finished is None else 0
+        exit_code = 0
+        if finished is None:
+            exit_code = 1
+        elif finished and self.camera_state == "failed":
+            log.error("the frame source failed and gave up: %s", self.alarms.snapshot().get("camera"))
+            exit_code = 1
         stop.set()
         publisher.stop()
         watchdog.join(timeout=2)

@@ -198,3 +198,13 @@ def test_any_payload_is_a_decision_never_an_exception(tmp_path, payload):
     finally:
         outbox.close()
         factory.close()
+
+
+def test_a_missing_replay_folder_is_a_clear_runtime_error_not_a_silent_success(tmp_path):
+    cfg = make_config(tmp_path, camera={"source": f"dir:{tmp_path / 'no-such-folder'}"})
+    factory = MockFactory()
+    try:
+        code = App(cfg, pin_factory=factory).run(threading.Event())
+    finally:
+        factory.close()
+    assert code == 1

@@ -13,6 +13,7 @@ import threading
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import jsonschema
 import pytest
@@ -53,6 +54,14 @@ def run_app(cfg: config_mod.Config, factory: MockFactory, timeout: float = 60.0)
     thread.join(timeout)
     assert not thread.is_alive(), "the daemon did not finish its finite source"
     return app, result[0]
+
+
+def spawn_daemon(config: Path, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "scanner", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )
 
 
 def checkins(sub: Subscriber) -> list[dict]:
@@ -169,11 +178,7 @@ def test_sigkill_with_unsent_rows_then_restart_delivers_everything(tmp_path):
     db = cfg.storage.dir / "outbox.db"
     log = tmp_path / "daemon1.log"
     with open(log, "wb") as err:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "scanner", "run", "--config", str(cfg.path)],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
+        daemon = spawn_daemon(cfg.path, err)
         try:
             assert wait_until(lambda: _depth_or_zero(db) >= len(scenes), 60), log.read_text()
         finally:
@@ -205,11 +210,7 @@ def test_sigterm_stops_cleanly_with_relay_off_and_offline(tmp_path):
         cfg = configure(tmp_path, broker.port, scenes)
         log = tmp_path / "daemon.log"
         with open(log, "wb") as err:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "scanner", "run", "--config", str(cfg.path)],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
+            daemon = spawn_daemon(cfg.path, err)
             try:
                 assert wait_until(lambda: len(checkins(sub)) >= 2, 30), log.read_text()
                 daemon.send_signal(signal.SIGTERM)
