@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from scanner import __version__, credentials, events, health, policy
-from scanner.camera import CameraError, FrameSource, open_source, run_capture
+from scanner import __version__, credentials, events, health, lists, policy
+from scanner.camera import FrameSource, open_source
 from scanner.camera.slot import LatestFrameSlot
+from scanner.camera.watchdog import CameraSupervisor
 from scanner.config import Config
 from scanner.decode import Decoder
-from scanner.models import CredentialType, Decision, Frame, Reason
+from scanner.models import Decision, Frame, Reason
 from scanner.mqtt import Publisher
 from scanner.outbox import Outbox, OutboxError
 from scanner.signals import Signals, make_pin_factory
@@ -84,7 +85,7 @@ class Outcome:
 class Gate:
     """Frame → symbols → new scans → credential → decision → committed event → signals.
 
-    The order inside ``process`` is the safety promise: the event is durable in the outbox
+    The order inside ``_scan`` is the safety promise: the event is durable in the outbox
     before the relay moves, so nobody enters without a record; if the record cannot be
     written the scan is rejected and the gate shows its fault pattern.
     """
@@ -99,14 +100,14 @@ class Gate:
         pseudonymizer: events.Pseudonymizer,
         clock: Clock,
         alarms: Alarms,
+        trust: lists.TrustData | None = None,
         on_committed: Callable[[], None] = lambda: None,
         clock_synced: Callable[[], bool] = health.clock_synced,
     ) -> None:
         self._config = config
         self._decoder = decoder
         self._tracker = PresenceTracker(config.track.gone_after_s)
-        self._lists = policy.Lists.load(config.policy.allowlist_file, config.policy.denylist_file)
-        self._accept = frozenset(CredentialType(t) for t in config.policy.accept)
+        self._rules = policy.Rules.from_config(config)
         self._outbox = outbox
         self._signals = signals
         self._pseudonymizer = pseudonymizer
@@ -115,7 +116,17 @@ class Gate:
         self._on_committed = on_committed
         self._clock_synced = clock_synced
         self._ids = events.Uuid7()
+        self._last_accept: dict[tuple[str, bytes], float] = {}
         self.reasons: Counter[str] = Counter()
+        self.set_trust(trust if trust is not None else lists.load(config))
+
+    @property
+    def trust(self) -> lists.TrustData:
+        return self._state[0]
+
+    def set_trust(self, trust: lists.TrustData) -> None:
+        """Swap in new lists. One attribute assignment: a scan sees the old or the new set, never a mix."""
+        self._state = (trust, credentials.reader_for(trust, self._config))
 
     def process(self, frame: Frame) -> list[Outcome]:
         symbols = self._decoder.decode(frame.image)
@@ -123,10 +134,20 @@ class Gate:
         return [self._scan(payload) for payload in fresh]
 
     def _scan(self, payload: bytes) -> Outcome:
+        trust, reader = self._state
         scanned_at = self._clock.now()
-        credential = credentials.parse(payload)
+        credential = reader.parse(payload, scanned_at)
+        subject = self._pseudonymizer.subject(str(credential.type), credential.identity)
+        passback_key = (str(credential.type), credential.credential_id or credential.identity)
+        now_mono = self._clock.monotonic()
+        last = self._last_accept.get(passback_key) if credential.identity else None
         decision = policy.decide(
-            credential, lists=self._lists, accept=self._accept, site=self._config.device.site, now=scanned_at
+            credential,
+            subject=subject,
+            rules=self._rules,
+            trust=trust,
+            now=scanned_at,
+            since_last_accept_s=None if last is None else now_mono - last,
         )
         synced = self._clock_synced()
         device = self._config.device
@@ -141,7 +162,7 @@ class Gate:
                 direction=device.direction,
                 scanned_at=scanned_at,
                 clock_synced=synced,
-                pseudonymizer=self._pseudonymizer,
+                subject=subject,
             )
             return events.to_json(event)
 
@@ -160,19 +181,29 @@ class Gate:
         # Only now, with the record durable, may the door open.
         if decision.accepted:
             self._signals.accepted()
+            self._remember_accept(passback_key, now_mono)
         else:
             self._signals.rejected()
         self.reasons[decision.reason] += 1
         log.info(
-            "seq=%d %s reason=%s type=%s%s",
+            "seq=%d %s reason=%s type=%s%s%s",
             seq,
             decision.outcome,
             decision.reason,
             credential.type,
             f" ({decision.detail})" if decision.detail else "",
+            f" flags={','.join(decision.flags)}" if decision.flags else "",
         )
         self._on_committed()
         return Outcome(decision, seq)
+
+    def _remember_accept(self, key: tuple[str, bytes], now_mono: float) -> None:
+        window = self._rules.anti_passback_s
+        if window <= 0:
+            return
+        self._last_accept[key] = now_mono
+        if len(self._last_accept) > 4096:  # a busy day: forget what is past the window
+            self._last_accept = {k: t for k, t in self._last_accept.items() if now_mono - t < window}
 
 
 class App:
@@ -195,6 +226,7 @@ class App:
         self.started_at = datetime.now(UTC)
         self.gate: Gate | None = None
         self._last_frame = 0.0
+        self._camera_down_since: float | None = None  # monotonic; first failure of the current outage
         self._last_tick = 0.0
 
     def status(self) -> dict[str, Any]:
@@ -205,7 +237,27 @@ class App:
             "camera": self.camera_state,
             "alarms": self.alarms.snapshot(),
             "started": events.utc_ms(self.started_at),
+            "lists": self.gate.trust.ages(self._clock.now()) if self.gate is not None else {},
         }
+
+    def request_reload(self) -> None:
+        """Reload every list (SIGHUP). Loads in a thread and swaps at once: no frame waits for disk."""
+        threading.Thread(target=self._reload, name="reload", daemon=True).start()
+
+    def _reload(self) -> None:
+        gate = self.gate
+        if gate is None:
+            return
+        try:
+            trust = lists.load(self.config)
+        except lists.ListError as exc:
+            # Keep deciding with the lists we have: an empty deny list would let banned people in.
+            self.alarms.raise_("lists", f"reload failed, previous lists kept: {exc}")
+            return
+        gate.set_trust(trust)
+        log.info("lists reloaded: %s", ", ".join(f"{i.name} v{i.version}" for i in trust.infos) or "none")
+        self.alarms.clear("lists")
+        self.alarms.on_change()
 
     def run(self, stop: threading.Event) -> int:
         """Run until ``stop`` is set (exit 0) or a finite source ends (drain, exit 0)."""
@@ -229,39 +281,37 @@ class App:
     def _run_with(self, signals: Signals, outbox: Outbox, stop: threading.Event) -> int:
         config = self.config
         pseudonymizer = events.Pseudonymizer(events.load_or_create_key(config.subject_key_path))
+        trust = lists.load(config)  # a broken list stops the start: deciding without it is unsafe
         publisher = Publisher(
             config, outbox, status=self.status, on_alarm=self.alarms.raise_, on_alarm_clear=self.alarms.clear
         )
         self.alarms.on_change = publisher.publish_status
+        # A crash or hang in native decoder code costs one frame and a respawn, not the gate.
+        decoder = Decoder(config.decoder.engines, isolate=config.decoder.isolate)
         self.gate = gate = Gate(
             config,
-            decoder=Decoder(config.decoder.engines),
+            decoder=decoder,
             outbox=outbox,
             signals=signals,
             pseudonymizer=pseudonymizer,
             clock=self._clock,
             alarms=self.alarms,
+            trust=trust,
             on_committed=publisher.wake,
         )
         source = self._source or open_source(config.camera)
         slot = LatestFrameSlot()
         capture_stop = threading.Event()
         publisher.start()
-        try:
-            source.open()
-        except CameraError as exc:
-            self._camera_failed(signals, exc)
-        capture = threading.Thread(
-            target=run_capture,
-            args=(source, slot, capture_stop),
-            kwargs={
-                "on_error": lambda exc: self._camera_failed(signals, exc),
-                "read_timeout": config.camera.capture_timeout_s,
-            },
-            name="capture",
-            daemon=True,
+        # The supervisor opens the source in its own thread (a missing camera must not hold up
+        # the start), reopens it with backoff after any failure and reports each state change.
+        supervisor = CameraSupervisor.from_config(
+            source,
+            slot,
+            config.camera,
+            on_state=lambda state, reason: self._camera_state_changed(signals, state, reason),
         )
-        capture.start()
+        supervisor.start(capture_stop)
         watchdog = health.WatchdogFeeder(self._notifier, self._alive, stop)
         watchdog.start()
         try:
@@ -269,9 +319,10 @@ class App:
         finally:
             capture_stop.set()
             self._notifier.stopping()
-            capture.join(timeout=config.camera.capture_timeout_s + 1)
+            supervisor.join(config.camera.capture_timeout_s + 1)
             source.close()
             signals.relay_off()
+            decoder.close()
         # Flush what we can before saying offline. A stop request gets a short wait (systemd's
         # stop timeout is 20 s); a finished replay waits the configured time. Unsent rows are
         # not lost either way: they stay in the outbox for the next start.
@@ -310,12 +361,6 @@ class App:
                 continue
             last_seq = frame.seq
             self._last_frame = time.monotonic()
-            if self.camera_state != "ok":
-                self.camera_state = "ok"
-                self.alarms.clear("camera")
-                self.alarms.on_change()  # the retained status says "starting"/"failed" until now
-                if "outbox" not in self.alarms.snapshot():
-                    signals.set_fault(False)
             if not ready:
                 ready = True
                 self._notifier.ready()
@@ -331,15 +376,39 @@ class App:
                     return None
         return False
 
-    def _camera_failed(self, signals: Signals, exc: Exception) -> None:
-        self.camera_state = "failed"
-        # The gate cannot scan: say so on the device (fault pattern) and to operators.
-        signals.set_fault(True)
-        self.alarms.raise_("camera", str(exc) or type(exc).__name__)
+    def _camera_state_changed(self, signals: Signals, state: str, reason: str) -> None:
+        """CameraSupervisor's on_state (capture or camera-watchdog thread)."""
+        if state == "failed":
+            if self._camera_down_since is None:
+                self._camera_down_since = time.monotonic()
+            self.camera_state = "failed"
+            # The gate cannot scan: say so on the device (fault pattern) and to operators.
+            signals.set_fault(True)
+            self.alarms.raise_("camera", reason)  # re-publishes status when the reason changed
+            return
+        self._camera_down_since = None
+        self.camera_state = state
+        if "camera" in self.alarms.snapshot():
+            self.alarms.clear("camera")  # re-publishes status, now with the camera ok
+        else:
+            self.alarms.on_change()  # the retained status says "starting" until now
+        if "outbox" not in self.alarms.snapshot():
+            signals.set_fault(False)
 
     def _alive(self) -> bool:
-        """Fed to the systemd watchdog: frames arrived recently and the pipeline loop is turning."""
+        """Fed to the systemd watchdog: the pipeline loop is turning, and frames arrived recently or
+        the camera is down but still being reopened. A camera that stays down past
+        ``camera.give_up_after_s`` stops the feeding, so systemd restarts the process: a driver
+        wedged in the kernel or a hung native call is fixed by a restart, not by reopening."""
         now = time.monotonic()
+        if now - self._last_tick >= 5.0:
+            return False
         camera = self.config.camera
-        frames_ok = now - self._last_frame < max(2 * camera.capture_timeout_s, 3 / camera.fps)
-        return frames_ok and now - self._last_tick < 5.0
+        down_since = self._camera_down_since
+        if down_since is not None:
+            return now - down_since < camera.give_up_after_s
+        # Not reported down: reads fail within capture_timeout_s, and one that hangs in the driver
+        # is reported by the supervisor's stall check after stall_timeout_s (checked every second).
+        return now - self._last_frame < max(
+            2 * camera.capture_timeout_s, 3 / camera.fps, camera.stall_timeout_s + 1
+        )

@@ -24,6 +24,7 @@ from scanner import config as config_mod
 from scanner import events, synth
 from scanner.app import Alarms, Gate, SystemClock
 from scanner.decode import Decoder
+from scanner.fuzzbench import bench_decisions
 from scanner.models import Frame
 from scanner.outbox import Outbox, bench_commits
 from scanner.signals import Signals
@@ -90,6 +91,7 @@ def bench_pipeline(frames: int = 200) -> dict[str, Any]:
         "decode_ms": _percentiles(decode_ms),
         "frame_to_relay_on_ms": _percentiles(latency_ms) if latency_ms else None,
         "relay_opened_on": f"{len(latency_ms)}/{frames}",
+        "decision_ms_by_type": bench_decisions(),
         "outbox_commits_per_s": round(commits),
         "daemon": daemon,
     }

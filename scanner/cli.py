@@ -37,10 +37,24 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the real daemon on built-in replayed frames with mock pins")
     demo.add_argument("--workdir", type=Path, help="keep the demo's files here instead of a temp dir")
 
+    from scanner.passes import add_pass_commands
+
+    add_pass_commands(sub)
+
     bench = sub.add_parser("bench", help="print benchmark figures as JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     pipeline = bench_sub.add_parser("pipeline", help="decode, frame-to-relay latency, outbox, RSS, READY")
     pipeline.add_argument("--frames", type=int, default=200)
+    fuzz = bench_sub.add_parser("fuzz", help="random and mutated payloads through the decision path")
+    fuzz.add_argument("--n", type=int, default=100_000, help="how many payloads")
+    fuzz.add_argument("--seed", type=int, default=1)
+    dcc = bench_sub.add_parser("dcc", help="EU DCC stages against a dgc-testdata tree")
+    dcc.add_argument("--testdata", required=True, type=Path, help="dgc-testdata checkout (or a subfolder)")
+    corpus = bench_sub.add_parser("decode", help="passes and ms per engine and chain over a photo corpus")
+    corpus.add_argument("--corpus", required=True, type=Path, help="folders of N.png + N.txt expected text")
+    corpus.add_argument("--isolate", action="store_true", help="run the chain in the decoder process")
+    frames = bench_sub.add_parser("frames", help="ms per synthetic frame per engine and chain")
+    frames.add_argument("--frames", type=int, default=40, help="distinct frames per size and kind")
     return parser
 
 
@@ -77,11 +91,41 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args.config)
     if command == "relay-off":
         return _relay_off(args.config)
+    if command == "pass":
+        from scanner.passes import run_pass_command
+
+        return run_pass_command(args)
     if command == "demo":
         from scanner.demo import run_demo
 
         _setup_logging()
         return run_demo(args.workdir)
+    if command == "bench" and args.bench == "fuzz":
+        from scanner.fuzzbench import bench_fuzz
+
+        figures = bench_fuzz(args.n, args.seed)
+        print(json.dumps(figures, indent=2))
+        return EXIT_OK if figures["exceptions"] == 0 else EXIT_RUNTIME
+    if command == "bench" and args.bench == "dcc":
+        from scanner.dccbench import bench_dcc
+
+        if not args.testdata.is_dir():
+            print(f"--testdata: {args.testdata} is not a directory", file=sys.stderr)
+            return EXIT_USAGE
+        print(json.dumps(bench_dcc(args.testdata), indent=2))
+        return EXIT_OK
+    if command == "bench" and args.bench in ("decode", "frames"):
+        from scanner.decodebench import bench_decode, bench_frames
+
+        _setup_logging("warning")
+        if args.bench == "frames":
+            print(json.dumps(bench_frames(frames=args.frames), indent=2))
+            return EXIT_OK
+        if not args.corpus.is_dir():
+            print(f"--corpus: {args.corpus} is not a directory", file=sys.stderr)
+            return EXIT_USAGE
+        print(json.dumps(bench_decode(args.corpus, isolate=args.isolate), indent=2))
+        return EXIT_OK
     if command == "bench":
         from scanner.bench import bench_pipeline
 
@@ -114,6 +158,7 @@ def _run(config_path: Path) -> int:
         return EXIT_USAGE
     _setup_logging(config.daemon.log_level)
     from scanner.app import App
+    from scanner.lists import ListError
 
     stop = threading.Event()
 
@@ -123,8 +168,13 @@ def _run(config_path: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    app = App(config)
+    signal.signal(signal.SIGHUP, lambda _s, _f: app.request_reload())
     try:
-        return App(config).run(stop)
+        return app.run(stop)
+    except ListError as exc:
+        logging.getLogger("scanner").error("cannot start: %s", exc)
+        return EXIT_RUNTIME
     except Exception:
         # App.run has already driven the relay off on its way out (context managers).
         logging.getLogger("scanner").exception("gate stopped by an unexpected error")

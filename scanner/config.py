@@ -45,6 +45,59 @@ class CameraConfig:
         2.0, "longest wait for one frame before the camera counts as stalled", min=0.1, max=60.0
     )
     camera_num: int = _opt(0, "picamera2 camera index", min=0, max=7)
+    # picamera2 controls: each is applied only when the camera advertises it (see camera/picam.py).
+    autofocus: Literal["continuous", "manual", "off"] = _opt(
+        "continuous",
+        "picamera2 focus: continuous AF (Camera Module 3), manual at lens_position, or off (untouched)",
+    )
+    lens_position: float = _opt(
+        3.0, "manual focus in dioptres (1 / distance in m; 3.0 ≈ 33 cm, 0 = infinity)", min=0.0, max=32.0
+    )
+    exposure_max_us: int = _opt(
+        20_000,
+        "picamera2: longest shutter the auto exposure may use (0 = up to the frame period)",
+        min=0,
+        max=1_000_000,
+    )
+    analogue_gain_max: float = _opt(
+        0.0,
+        "picamera2: highest analogue gain the auto exposure may use (0 = tuning default)",
+        min=0.0,
+        max=64.0,
+    )
+    ev: float = _opt(
+        0.0, "picamera2 exposure compensation in stops; negative darkens bright screens", min=-8.0, max=8.0
+    )
+    ae_constraint: Literal["highlight", "normal"] = _opt(
+        "highlight", "picamera2 auto exposure: highlight keeps bright phone screens from burning out"
+    )
+    # Watchdog (camera/watchdog.py): when the camera counts as failed and how it is reopened.
+    stall_timeout_s: float = _opt(
+        10.0,
+        "no frame for this long (even from a hung driver call) counts as a camera failure",
+        min=0.5,
+        max=600.0,
+    )
+    black_level: int = _opt(20, "a frame whose mean brightness is below this counts as black", min=0, max=255)
+    black_frames: int = _opt(
+        150, "this many black frames in a row count as a camera failure (0 = never)", min=0, max=100_000
+    )
+    frozen_frames: int = _opt(
+        90,
+        "this many frames in a row byte-identical to the one before count as a frozen camera (0 = never)",
+        min=0,
+        max=100_000,
+    )
+    reopen_backoff_s: float = _opt(
+        0.5, "first wait before reopening a failed camera; doubles", min=0.01, max=60.0
+    )
+    reopen_backoff_max_s: float = _opt(30.0, "longest wait between reopen attempts", min=0.01, max=600.0)
+    give_up_after_s: float = _opt(
+        120.0,
+        "camera down this long: stop feeding the systemd watchdog so the service restarts (0 = at once)",
+        min=0.0,
+        max=86_400.0,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +106,11 @@ class DecoderConfig:
         ("zxing", "zbar"),
         "zxing on every frame; zbar only on a candidate zxing could not read",
         choices=("zxing", "zbar"),
+    )
+    isolate: bool = _opt(
+        True,
+        "decode in a child process with a 1 s deadline per frame, so a crash or hang in native"
+        " decoder code costs one frame and a respawn, not the daemon (~0.15 ms a frame)",
     )
 
 
@@ -71,9 +129,48 @@ class PolicyConfig:
         choices=("signed", "dcc", "cccd", "plain"),
     )
     allowlist_file: Path | None = _opt(
-        None, "one code per line; when set, plain codes must be listed", must_exist=True
+        None,
+        "one identity per line (raw value or pseudonym); when set, only listed ones pass",
+        must_exist=True,
     )
-    denylist_file: Path | None = _opt(None, "one code per line; listed codes are rejected", must_exist=True)
+    denylist_file: Path | None = _opt(
+        None,
+        "one identity per line (raw value or pseudonym); listed ones are rejected",
+        must_exist=True,
+    )
+    revocation_file: Path | None = _opt(
+        None, "revoked pass ids / DCC certificate ids, one per line (hex or text)", must_exist=True
+    )
+    pass_trust_file: Path | None = _opt(
+        None, "JSON trust store of pass issuer keys (gate-scanner pass keygen)", must_exist=True
+    )
+    dcc_trust_file: Path | None = _opt(
+        None, "JSON trust list of EU DCC signing certificates", must_exist=True
+    )
+    anti_passback_s: float = _opt(
+        60.0,
+        "the same credential accepted again at this gate within this time is rejected; 0 = off",
+        min=0.0,
+        max=86_400.0,
+    )
+    max_list_age_h: float = _opt(
+        0.0,
+        "trust, revocation and allow/deny lists older than this are stale; 0 = never",
+        min=0.0,
+        max=8760.0,
+    )
+    stale_lists: Literal["reject", "flag"] = _opt(
+        "reject", "with a stale list: reject (stale_trust_data) or accept and flag the event"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DccConfig:
+    vaccination: bool = _opt(True, "a completed vaccination counts")
+    test: bool = _opt(True, "a negative test counts")
+    recovery: bool = _opt(True, "a recovery certificate counts")
+    vaccination_min_days: int = _opt(14, "days after the last dose before it counts", min=0, max=365)
+    test_max_hours: int = _opt(72, "how old a negative test may be", min=1, max=720)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +238,7 @@ class Config:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    dcc: DccConfig = field(default_factory=DccConfig)
     gpio: GpioConfig = field(default_factory=GpioConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -238,6 +336,16 @@ def _cross_checks(c: Config) -> list[str]:
         problems.append("decoder.engines: needs at least one engine")
     if not c.policy.accept:
         problems.append("policy.accept: empty: this gate would reject everyone")
+    if c.camera.reopen_backoff_s > c.camera.reopen_backoff_max_s:
+        problems.append(
+            f"camera.reopen_backoff_s: {c.camera.reopen_backoff_s} exceeds camera.reopen_backoff_max_s "
+            f"{c.camera.reopen_backoff_max_s}"
+        )
+    if c.camera.stall_timeout_s < c.camera.capture_timeout_s:
+        problems.append(
+            f"camera.stall_timeout_s: {c.camera.stall_timeout_s} is shorter than camera.capture_timeout_s "
+            f"{c.camera.capture_timeout_s}: a slow but working read would count as a stall"
+        )
     source = c.camera.source
     if not (source == "picamera2" or source.startswith(("dir:", "file:", "v4l2:", "rtsp://", "rtsps://"))):
         problems.append(f"camera.source: {source!r} is not picamera2, dir:, file:, v4l2: or rtsp://")

@@ -22,18 +22,43 @@ from scanner import synth
 from scanner.localbroker import LocalBroker
 
 DEVICE, SITE = "demo-gate", "demo-site"
-ALLOWED = ("EMP-0001", "EMP-0002", "EMP-0003")
+ALLOWED = ("EMP-0001", "EMP-0002", "EMP-0003")  # EMP-0003 holds the demo's signed pass
 DENIED = ("EMP-0666",)
 
 # (what a person holds up, payload). Each is held in view for ~1 s, then the view is empty.
+# Signed passes are issued at demo time by a throw-away issuer key (see demo_passes).
 SCENES: tuple[tuple[str, bytes | str], ...] = (
     ("allow-listed badge", "EMP-0001"),
     ("deny-listed badge", "EMP-0666"),
     ("unknown visitor code", "VISITOR-0042"),
     ("garbage bytes", bytes([0xFF, 0xFE, 0x00, 0x9C, 0x81, 0x7F, 0xC3]) * 3),
-    ("EU DCC (this build cannot verify it)", "HC1:6BFOXN*TS0BI$ZD4N9:9S6RCVN5+O30K3/XIV0W23NTDEXWK G2EP4J0B"),
+    ("signed pass on a phone", "{valid_pass}"),
+    ("expired signed pass", "{expired_pass}"),
     ("allow-listed badge again", "EMP-0002"),
 )
+PASS_SUBJECT = "EMP-0003"  # on the allow list: a pass proves who, the list says who may enter
+
+
+def demo_passes(workdir: Path) -> dict[str, str]:
+    """A throw-away issuer key, its trust store, and the demo's passes (valid and expired)."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from scanner.credentials.signed import PassIssuer, TrustedKey, TrustStore
+
+    key = Ed25519PrivateKey.generate()
+    kid = bytes.fromhex("de0de0de")
+    now = datetime.now(UTC)
+    trust = TrustStore.of([TrustedKey(kid, key.public_key(), "demo issuer")], version=1, issued=now)
+    (workdir / "pass-trust.json").write_text(json.dumps(trust.to_json(), indent=1))
+    issuer = PassIssuer(key, kid)
+    subject = PASS_SUBJECT.encode()
+    return {
+        "valid_pass": issuer.issue(subject, now - timedelta(hours=1), now + timedelta(days=1)),
+        "expired_pass": issuer.issue(subject, now - timedelta(days=2), now - timedelta(days=1)),
+    }
 
 
 def write_demo_files(
@@ -41,6 +66,8 @@ def write_demo_files(
 ) -> Path:
     """Frames, lists and a config for a demo gate; returns the config path."""
     frames = workdir / "frames"
+    passes = demo_passes(workdir)
+    scenes = [(name, p.format(**passes) if isinstance(p, str) else p) for name, p in scenes]
     synth.demo_frames(frames, scenes, fps=fps)
     (workdir / "allow.txt").write_text("# codes allowed through the demo gate\n" + "\n".join(ALLOWED) + "\n")
     (workdir / "deny.txt").write_text("# codes never allowed\n" + "\n".join(DENIED) + "\n")
@@ -57,7 +84,8 @@ source = "dir:{frames}"
 fps = {fps}
 
 [policy]
-accept = ["plain"]
+accept = ["signed", "plain"]
+pass_trust_file = "{workdir / "pass-trust.json"}"
 allowlist_file = "{workdir / "allow.txt"}"
 denylist_file = "{workdir / "deny.txt"}"
 

@@ -100,7 +100,7 @@ def build_event(
     direction: str,
     scanned_at: datetime,
     clock_synced: bool,
-    pseudonymizer: Pseudonymizer,
+    subject: str | None,
 ) -> CheckinEvent:
     credential = decision.credential
     return CheckinEvent(
@@ -114,14 +114,16 @@ def build_event(
         decision=decision.outcome,
         reason=str(decision.reason),
         credential_type=str(credential.type),
-        subject=pseudonymizer.subject(str(credential.type), credential.identity),
+        subject=subject,
         issuer=credential.issuer,
         valid_until=utc_ms(credential.valid_until) if credential.valid_until else None,
+        flags=decision.flags,
     )
 
 
 def to_json(event: CheckinEvent) -> bytes:
     fields = asdict(event)
+    flags = fields.pop("flags")
     credential = {
         "type": fields.pop("credential_type"),
         "subject": fields.pop("subject"),
@@ -133,6 +135,8 @@ def to_json(event: CheckinEvent) -> bytes:
         **fields,
         "credential": {k: v for k, v in credential.items() if v is not None},
     }
+    if flags:
+        document["flags"] = list(flags)
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 

@@ -76,6 +76,9 @@ class Credential:
 
     type: CredentialType
     identity: bytes = field(repr=False)
+    # The credential itself (a pass id, a DCC certificate id), as opposed to the person:
+    # revocation and anti-passback key on it. Not personal data, but kept out of logs anyway.
+    credential_id: bytes = field(default=b"", repr=False)
     issuer: str | None = None
     valid_from: datetime | None = None
     valid_until: datetime | None = None
@@ -91,6 +94,8 @@ class Decision:
     reason: Reason
     credential: Credential
     detail: str = ""
+    # Accepted, but with something operators must know about (e.g. "stale_trust_data").
+    flags: tuple[str, ...] = ()
 
     @property
     def outcome(self) -> str:
@@ -114,3 +119,4 @@ class CheckinEvent:
     subject: str | None  # keyed pseudonym, never the raw identity
     issuer: str | None = None
     valid_until: str | None = None
+    flags: tuple[str, ...] = ()

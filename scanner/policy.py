@@ -1,66 +1,97 @@
-"""The entry decision: a pure function of credential, lists, accepted types and the clock."""
+"""The entry decision: a pure function of the credential, the lists, the rules and the clock."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
+from scanner.config import Config
+from scanner.lists import TrustData
 from scanner.models import Credential, CredentialType, Decision, Reason
 
-log = logging.getLogger(__name__)
+STALE_FLAG = "stale_trust_data"
+
+# Which lists a decision about each credential type depends on: only those can make it stale.
+_LISTS_FOR: dict[CredentialType, frozenset[str]] = {
+    CredentialType.SIGNED: frozenset({"pass_trust", "revocation", "allowlist", "denylist"}),
+    CredentialType.DCC: frozenset({"dcc_trust", "revocation", "allowlist", "denylist"}),
+    CredentialType.CCCD: frozenset({"allowlist", "denylist"}),
+    CredentialType.PLAIN: frozenset({"allowlist", "denylist"}),
+}
 
 
 @dataclass(frozen=True, slots=True)
-class Lists:
-    """Allow and deny lists of identities (raw values as printed in the code)."""
-
-    deny: frozenset[bytes] = frozenset()
-    allow: frozenset[bytes] | None = None  # None: no allow list, every valid credential may pass
+class Rules:
+    accept: frozenset[CredentialType]
+    site: str
+    anti_passback_s: float = 0.0
+    max_list_age_s: float = 0.0
+    stale_action: str = "reject"  # "reject" | "flag"
 
     @classmethod
-    def load(cls, allow_file: Path | None, deny_file: Path | None) -> Lists:
+    def from_config(cls, config: Config) -> Rules:
+        policy = config.policy
         return cls(
-            deny=read_list(deny_file) if deny_file else frozenset(),
-            allow=read_list(allow_file) if allow_file else None,
+            accept=frozenset(CredentialType(t) for t in policy.accept),
+            site=config.device.site,
+            anti_passback_s=policy.anti_passback_s,
+            max_list_age_s=policy.max_list_age_h * 3600.0,
+            stale_action=policy.stale_lists,
         )
-
-
-def read_list(path: Path) -> frozenset[bytes]:
-    """One entry per line; blank lines and lines starting with '#' are ignored."""
-    entries = set()
-    for line in path.read_bytes().splitlines():
-        entry = line.strip()
-        if entry and not entry.startswith(b"#"):
-            entries.add(entry)
-    return frozenset(entries)
 
 
 def decide(
     credential: Credential,
     *,
-    lists: Lists,
-    accept: frozenset[CredentialType],
-    site: str,
+    subject: str | None,
+    rules: Rules,
+    trust: TrustData,
     now: datetime,
+    since_last_accept_s: float | None = None,
 ) -> Decision:
+    """Accept or reject with a reason.
+
+    ``subject`` is the credential's pseudonym (lists may hold pseudonyms instead of raw IDs,
+    so a list file leaks nobody's ID number). ``since_last_accept_s`` is how long ago this
+    same credential was last accepted at this gate (anti-passback), measured by the caller
+    on a monotonic clock so that a wall-clock jump cannot lock anyone out.
+    """
+
     def reject(reason: Reason, detail: str = "") -> Decision:
         return Decision(False, reason, credential, detail or credential.detail)
 
     if credential.problem is not None:
         return reject(credential.problem)
-    if credential.type not in accept:
+    if credential.type not in rules.accept:
         return reject(Reason.TYPE_NOT_ACCEPTED, f"{credential.type} is not accepted here")
-    # Deny beats everything else: a revoked badge must not pass because it is also allowed.
-    if credential.identity in lists.deny:
+    keys = {credential.identity}
+    if subject:
+        keys.add(subject.encode())
+    # Deny beats everything else: a banned badge must not pass because it is also allowed.
+    if trust.deny is not None and keys & trust.deny.entries:
         return reject(Reason.DENYLISTED)
-    if lists.allow is not None and credential.identity not in lists.allow:
+    if trust.revoked is not None and credential.credential_id:
+        ids = {credential.credential_id, credential.credential_id.hex().encode()}
+        if ids & trust.revoked.entries:
+            return reject(Reason.REVOKED)
+    if trust.allow is not None and not keys & trust.allow.entries:
         return reject(Reason.NOT_ALLOWLISTED)
     if credential.valid_from is not None and now < credential.valid_from:
         return reject(Reason.NOT_YET_VALID)
     if credential.valid_until is not None and now >= credential.valid_until:
         return reject(Reason.EXPIRED)
-    if credential.site is not None and credential.site != site:
+    if credential.site is not None and credential.site != rules.site:
         return reject(Reason.WRONG_SITE)
-    return Decision(True, Reason.OK, credential)
+    flags: tuple[str, ...] = ()
+    stale = trust.stale(now, rules.max_list_age_s, _LISTS_FOR.get(credential.type, frozenset()))
+    if stale:
+        if rules.stale_action == "reject":
+            return reject(Reason.STALE_TRUST_DATA, f"stale: {', '.join(stale)}")
+        flags = (STALE_FLAG,)
+    if (
+        since_last_accept_s is not None
+        and rules.anti_passback_s > 0
+        and since_last_accept_s < rules.anti_passback_s
+    ):
+        return reject(Reason.ANTI_PASSBACK, f"accepted here {since_last_accept_s:.0f} s ago")
+    return Decision(True, Reason.OK, credential, flags=flags)

@@ -6,6 +6,10 @@ keyword arguments, ``capture_array(name, wait=, signal_function=)`` returning a 
 ``stop``, ``close``. Like the real one it refuses a lores stream larger than main and odd
 sizes, and, like the real one, a ``stop()`` queued behind a timed-out capture would hang: the
 fake records that as ``stop_blocked`` instead of hanging the test run.
+
+``camera_controls`` is ``{name: (min, max, default)}`` as picamera2 reports it, and like
+picamera2's ``Controls`` the fake raises ``RuntimeError`` for a control the camera does not
+advertise, whether it comes in the configuration's ``controls`` or through ``set_controls``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,22 @@ from concurrent.futures import CancelledError, Future
 from typing import Any
 
 import numpy as np
+
+# As picamera2 reports them for an imx708 (Camera Module 3) and an imx219 (Module 2, fixed focus).
+MODULE3_CONTROLS: dict[str, tuple] = {
+    "AfMode": (0, 2, 0),
+    "AfRange": (0, 2, 0),
+    "AfSpeed": (0, 1, 0),
+    "LensPosition": (0.0, 15.0, 1.0),
+    "AeEnable": (False, True, None),
+    "AeConstraintMode": (0, 3, 0),
+    "AeExposureMode": (0, 3, 0),
+    "ExposureValue": (-8.0, 8.0, 0.0),
+    "ExposureTime": (26, 1_220_255, None),
+    "AnalogueGain": (1.12, 16.0, None),
+    "FrameDurationLimits": (33_333, 120_000, None),
+}
+MODULE2_CONTROLS = {k: v for k, v in MODULE3_CONTROLS.items() if not k.startswith(("Af", "Lens"))}
 
 U_VALUE = 77  # chroma rows: never part of a grayscale frame
 PAD_VALUE = 250  # row padding beyond the image width
@@ -42,8 +62,13 @@ class FakePicamera2:
         stride_pad: int = 64,
         fail_start: Exception | None = None,
         fail_stop: Exception | None = None,
+        camera_controls: dict[str, tuple] | None = None,
+        tuning: dict | None = None,
     ) -> None:
         self.camera_num = camera_num
+        self.camera_controls = dict(MODULE3_CONTROLS if camera_controls is None else camera_controls)
+        self.tuning = tuning
+        self.set_controls_calls: list[dict[str, Any]] = []
         self.stall_after = stall_after  # frames delivered before captures stop completing
         self.stride_pad = stride_pad
         self.fail_start = fail_start
@@ -107,7 +132,18 @@ class FakePicamera2:
             lw, lh = config["lores"]["size"]
             if lw > mw or lh > mh:
                 raise RuntimeError("lores stream dimensions may not exceed main stream")
+        self._check_advertised(config["controls"])
         self.config = config
+
+    def set_controls(self, controls: dict[str, Any]) -> None:
+        self.calls.append("set_controls")
+        self._check_advertised(controls)
+        self.set_controls_calls.append(dict(controls))
+
+    def _check_advertised(self, controls: dict[str, Any]) -> None:
+        for name in controls:
+            if name not in self.camera_controls:
+                raise RuntimeError(f"Control {name} is not advertised by libcamera")
 
     def start(self) -> None:
         self.calls.append("start")
@@ -169,7 +205,7 @@ class Factory:
         self.options = options
         self.made: list[FakePicamera2] = []
 
-    def __call__(self, camera_num: int) -> FakePicamera2:
-        cam = FakePicamera2(camera_num, **self.options)
+    def __call__(self, camera_num: int, tuning: dict | None = None) -> FakePicamera2:
+        cam = FakePicamera2(camera_num, tuning=tuning, **self.options)
         self.made.append(cam)
         return cam

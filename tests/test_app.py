@@ -27,7 +27,9 @@ from tests.mqtt_helpers import wait_until
 def make_config(tmp_path: Path, **sections: dict) -> config_mod.Config:
     table = {
         "device": {"id": "gate-t", "site": "site-t"},
-        "camera": {"source": "dir:unused", "fps": 50.0, "capture_timeout_s": 0.3},
+        # give_up_after_s = 0: the watchdog stops being fed as soon as the camera fails (the
+        # grace period while it is being reopened is tested in test_camera_watchdog.py).
+        "camera": {"source": "dir:unused", "fps": 50.0, "capture_timeout_s": 0.3, "give_up_after_s": 0.0},
         "gpio": {"pin_factory": "mock", "relay_pulse_s": 0.2},
         "mqtt": {"host": "127.0.0.1", "port": 9},  # nothing listens: the gate must not care
         "storage": {"dir": str(tmp_path / "state"), "outbox_max_events": 10},
@@ -208,3 +210,44 @@ def test_a_missing_replay_folder_is_a_clear_runtime_error_not_a_silent_success(t
     finally:
         factory.close()
     assert code == 1
+
+
+def test_reload_swaps_lists_keeps_old_ones_on_error_and_publishes_ages(tmp_path):
+    deny = tmp_path / "deny.txt"
+    deny.write_text("# version: 1\n# issued: 2026-11-28T00:00:00Z\n")
+    cfg = make_config(tmp_path, policy={"denylist_file": str(deny), "anti_passback_s": 0.0})
+    (tmp_path / "state").mkdir()
+    outbox = Outbox(tmp_path / "state" / "outbox.db", 100)
+    factory = MockFactory()
+    try:
+        with Signals(cfg.gpio, pin_factory=factory) as signals:
+            app = App(cfg, pin_factory=factory)
+            app.gate = gate = make_gate(cfg, signals, outbox)
+            assert gate._scan(b"EMP-0001").decision.reason == Reason.OK
+            deny.write_text("# version: 2\n# issued: 2026-11-29T00:00:00Z\nEMP-0001\n")
+            app._reload()
+            assert gate._scan(b"EMP-0001").decision.reason == Reason.DENYLISTED
+            assert app.status()["lists"]["denylist"]["version"] == "2"
+            deny.write_text("# issued: not a time\n")
+            app._reload()  # a broken file must not empty the deny list
+            assert "lists" in app.alarms.snapshot()
+            assert gate._scan(b"EMP-0001").decision.reason == Reason.DENYLISTED
+    finally:
+        outbox.close()
+        factory.close()
+
+
+def test_anti_passback_rejects_a_second_accept_of_the_same_credential(tmp_path):
+    cfg = make_config(tmp_path, policy={"anti_passback_s": 60.0})
+    (tmp_path / "state").mkdir()
+    outbox = Outbox(tmp_path / "state" / "outbox.db", 100)
+    factory = MockFactory()
+    try:
+        with Signals(cfg.gpio, pin_factory=factory) as signals:
+            gate = make_gate(cfg, signals, outbox)
+            assert gate._scan(b"EMP-0001").decision.accepted
+            assert gate._scan(b"EMP-0001").decision.reason == Reason.ANTI_PASSBACK
+            assert gate._scan(b"EMP-0002").decision.accepted
+    finally:
+        outbox.close()
+        factory.close()

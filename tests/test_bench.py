@@ -40,3 +40,14 @@ def test_decode_cli_prints_one_json_line_per_image(tmp_path):
     assert symbol["text"] == "EMP-0001" and symbol["engine"] == "zxing" and len(symbol["polygon"]) == 4
     assert lines[1]["symbols"] == []
     assert all(line["ms"] >= 0 for line in lines)
+
+
+def test_bench_fuzz_counts_outcomes_and_exceptions():
+    from scanner.fuzzbench import bench_fuzz
+
+    figures = bench_fuzz(3000, seed=7)
+    assert figures["exceptions"] == 0, figures
+    assert sum(figures["outcomes"].values()) == 3000
+    # The seeds are valid credentials of every type, and mutations reach every parser's reject paths.
+    for outcome in ("plain/ok", "cccd/ok", "signed/ok", "dcc/ok", "signed/bad_signature", "dcc/malformed"):
+        assert figures["outcomes"].get(outcome, 0) > 0, outcome

@@ -18,7 +18,7 @@ from scanner.camera.replay import ReplaySource
 from scanner.camera.slot import LatestFrameSlot
 from scanner.config import CameraConfig
 from scanner.models import Frame
-from tests.fake_picamera2 import PAD_VALUE, U_VALUE, Factory, y_plane
+from tests.fake_picamera2 import MODULE2_CONTROLS, PAD_VALUE, U_VALUE, Factory, y_plane
 
 WAIT = 5.0  # generous bound for thread hand-offs; tests never sleep-and-hope
 
@@ -453,7 +453,7 @@ def test_picamera2_close_closes_even_when_start_or_stop_fail() -> None:
 
 
 def test_picamera2_factory_failure_is_a_camera_error() -> None:
-    def factory(num: int):
+    def factory(num: int, tuning: dict | None):
         raise RuntimeError("Camera __init__ sequence did not complete.")
 
     with pytest.raises(CameraError, match="did not complete"):
@@ -486,3 +486,145 @@ def test_run_capture_reopens_a_stalled_picamera2() -> None:
     assert all(cam.closed and not cam.stop_blocked for cam in factory.made)
     seqs = [slot.get(0.0).seq]
     assert seqs[0] >= 1  # frame numbers keep rising across reopenings
+
+
+# --- picamera2 controls ---------------------------------------------------------------------
+
+
+def tuning_v2() -> dict:
+    """The shape of a Raspberry Pi tuning file (format 2, multi-channel AGC), AGC part only."""
+    modes = {
+        "normal": {"shutter": [100, 10000, 30000, 60000, 66666], "gain": [1.0, 2.0, 4.0, 6.0, 8.0]},
+        "short": {"shutter": [100, 5000, 10000, 20000, 60000], "gain": [1.0, 2.0, 4.0, 6.0, 8.0]},
+    }
+    return {
+        "version": 2.0,
+        "algorithms": [{"rpi.black_level": {}}, {"rpi.agc": {"channels": [{"exposure_modes": modes}]}}],
+    }
+
+
+def test_picamera2_module3_gets_continuous_autofocus_and_highlight_exposure() -> None:
+    factory = Factory()
+    source = Picamera2Source(cfg("picamera2", fps=25.0, ev=-0.5), factory=factory, tuning_loader=lambda n: {})
+    source.open()
+    controls = factory.made[0].config["controls"]
+    source.close()
+    assert controls == {
+        "FrameDurationLimits": (40_000, 40_000),
+        "AfMode": 2,  # continuous
+        "AeConstraintMode": 1,  # highlight: a bright phone screen is not burnt out
+        "ExposureValue": -0.5,
+    }
+    assert source.skipped_controls == []
+
+
+def test_picamera2_sets_only_the_controls_the_camera_advertises(caplog: pytest.LogCaptureFixture) -> None:
+    # The fake, like picamera2, raises on a control the camera does not advertise: opening works
+    # only because the source leaves AfMode out on a fixed-focus Camera Module 2.
+    factory = Factory(camera_controls=MODULE2_CONTROLS)
+    source = Picamera2Source(
+        cfg("picamera2", autofocus="manual"), factory=factory, tuning_loader=lambda n: {}
+    )
+    with caplog.at_level(logging.INFO, logger="scanner.camera.picam"):
+        source.open()
+    assert source.read(1.0) is not None
+    source.close()
+    controls = factory.made[0].config["controls"]
+    assert "AfMode" not in controls and "LensPosition" not in controls
+    assert controls["AeConstraintMode"] == 1
+    assert source.skipped_controls == ["AfMode", "LensPosition"]
+    assert "AfMode, LensPosition" in caplog.text
+    with pytest.raises(RuntimeError, match="not advertised"):
+        factory.made[0].set_controls({"AfMode": 2})
+
+
+def test_picamera2_manual_focus_is_clamped_to_the_lens_range() -> None:
+    factory = Factory()
+    source = Picamera2Source(
+        cfg("picamera2", autofocus="manual", lens_position=20.0, ae_constraint="normal"),
+        factory=factory,
+        tuning_loader=lambda n: {},
+    )
+    source.open()
+    source.close()
+    controls = factory.made[0].config["controls"]
+    assert controls["AfMode"] == 0 and controls["LensPosition"] == 15.0  # the fake lens stops at 15 dioptres
+    assert controls["AeConstraintMode"] == 0 and "ExposureValue" not in controls
+
+
+def test_picamera2_autofocus_off_leaves_focus_alone() -> None:
+    factory = Factory()
+    source = Picamera2Source(cfg("picamera2", autofocus="off"), factory=factory, tuning_loader=lambda n: {})
+    source.open()
+    source.close()
+    assert not {"AfMode", "LensPosition"} & set(factory.made[0].config["controls"])
+
+
+def test_picamera2_exposure_caps_clamp_a_copy_of_the_sensor_tuning() -> None:
+    original = tuning_v2()
+    loaded: list[int] = []
+
+    def loader(camera_num: int) -> dict:
+        loaded.append(camera_num)
+        return original
+
+    factory = Factory()
+    source = Picamera2Source(
+        cfg("picamera2", camera_num=1, exposure_max_us=12_000, analogue_gain_max=4.0),
+        factory=factory,
+        tuning_loader=loader,
+    )
+    source.open()
+    source.close()
+    assert loaded == [1]
+    (channel,) = factory.made[0].tuning["algorithms"][1]["rpi.agc"]["channels"]
+    assert channel["exposure_modes"]["normal"] == {
+        "shutter": [100, 10000, 12000, 12000, 12000],
+        "gain": [1.0, 2.0, 4.0, 4.0, 4.0],
+    }
+    assert channel["exposure_modes"]["short"]["shutter"] == [100, 5000, 10000, 12000, 12000]
+    assert original == tuning_v2()  # the loader's dict is not modified
+
+
+def test_picamera2_exposure_caps_in_a_version_1_tuning() -> None:
+    factory = Factory()
+    v1 = {"rpi.agc": {"exposure_modes": {"normal": {"shutter": [100, 30000], "gain": [1.0, 8.0]}}}}
+    source = Picamera2Source(
+        cfg("picamera2", exposure_max_us=8_000), factory=factory, tuning_loader=lambda n: v1
+    )
+    source.open()
+    source.close()
+    assert factory.made[0].tuning["rpi.agc"]["exposure_modes"]["normal"] == {
+        "shutter": [100, 8000],
+        "gain": [1.0, 8.0],
+    }
+
+
+@pytest.mark.parametrize("loaded", [RuntimeError("no tuning file"), {"version": 2.0, "algorithms": []}])
+def test_picamera2_without_a_usable_tuning_opens_without_caps(
+    loaded, caplog: pytest.LogCaptureFixture
+) -> None:
+    def loader(camera_num: int) -> dict:
+        if isinstance(loaded, Exception):
+            raise loaded
+        return loaded
+
+    factory = Factory()
+    source = Picamera2Source(cfg("picamera2", exposure_max_us=10_000), factory=factory, tuning_loader=loader)
+    with caplog.at_level(logging.WARNING):
+        source.open()
+    assert source.read(1.0) is not None
+    source.close()
+    assert factory.made[0].tuning is None
+    assert "exposure caps not applied" in caplog.text
+
+
+def test_picamera2_no_caps_means_no_tuning_is_loaded() -> None:
+    def loader(camera_num: int) -> dict:
+        raise AssertionError("tuning loaded without caps")
+
+    factory = Factory()
+    source = Picamera2Source(cfg("picamera2", exposure_max_us=0), factory=factory, tuning_loader=loader)
+    source.open()
+    source.close()
+    assert factory.made[0].tuning is None

@@ -18,6 +18,7 @@ from pyzbar import pyzbar
 
 from scanner import decode as decode_mod
 from scanner.decode import Decoder, describe_image
+from scanner.decodebench import matches
 from scanner.models import Symbol
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "qr-photos"
@@ -292,22 +293,12 @@ needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"photo corpus not
 
 
 def _matches(expected: bytes, payload: bytes) -> bool:
-    """Exact bytes; or the same text once the payload is decoded with a charset zxing-cpp uses
-    for ``.text`` (the .txt files hold UTF-8 text of Shift_JIS / Latin-1 codes)."""
-    if payload == expected:
-        return True
-    want = expected.decode("utf-8")
-    for charset in ("utf-8", "shift_jis", "iso-8859-1"):
-        try:
-            if payload.decode(charset) == want:
-                return True
-        except UnicodeDecodeError:
-            continue
-    return False
+    """Exact bytes, or the same text in a QR charset (the .txt files hold UTF-8; see decodebench)."""
+    return matches(expected, payload)
 
 
 @needs_corpus
-def test_corpus_reads_at_least_166_of_179() -> None:
+def test_corpus_reads_at_least_170_of_179() -> None:
     decoder = Decoder()
     cases = sorted(p for p in CORPUS.glob("zxing-qrcode-*/*.txt") if not p.name.endswith(".metadata.txt"))
     assert len(cases) == 179
@@ -322,16 +313,21 @@ def test_corpus_reads_at_least_166_of_179() -> None:
         else:
             failed.append(f"{txt.parent.name}/{txt.stem}")
     print(f"corpus: {passed}/{len(cases)} read, median {statistics.median(ms):.2f} ms; failed {failed}")
-    assert passed >= 166, failed
+    # zxing-cpp alone reads 166, the union with zbar 168; the probe and rescue steps add the rest.
+    assert passed >= 170, failed
     assert decoder.errors == {"zxing": 0, "zbar": 0}
 
 
 @needs_corpus
 def test_corpus_no_qr_sets_give_no_symbols() -> None:
     decoder = Decoder()
-    images = sorted(CORPUS.glob("no-qr-*/*.png"))
-    assert images
-    hits = {str(p): decoder.decode(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)) for p in images}
+    images = sorted(p for p in CORPUS.glob("no-qr-*/*") if p.suffix in (".png", ".jpg", ".webp"))
+    assert len(images) == 46
+    frames = {str(p): cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in images}
+    # OpenCV's WebP reader refuses the 1x1 and 1x100 degenerate samples; the rest must be seen.
+    frames = {p: f for p, f in frames.items() if f is not None}
+    assert len(frames) >= 44
+    hits = {p: decoder.decode(f) for p, f in frames.items()}
     assert {p: s for p, s in hits.items() if s} == {}
 
 
@@ -342,3 +338,153 @@ def test_corpus_photo_only_zbar_reads() -> None:
     expected = (CORPUS / "zxing-qrcode-4" / "09.txt").read_bytes()
     symbols = Decoder().decode(image)
     assert [(s.payload, s.engine) for s in symbols] == [(expected, "zbar")]
+
+
+# --- isolation: a crash or hang in native code costs one frame ------------------------------
+
+MARK_SEGV, MARK_ABORT, MARK_HANG = 11, 6, 99
+
+
+def marker_engine(image: np.ndarray) -> list[Symbol]:
+    """Stands in for a native decoder: misbehaves on a marker frame, reads b"OK" otherwise."""
+    import os
+    import signal
+
+    marker = int(image[0, 0])
+    if marker == MARK_SEGV:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if marker == MARK_ABORT:
+        os.abort()
+    if marker == MARK_HANG:
+        time.sleep(30)
+    return [Symbol(payload=b"OK", engine="zxing", polygon=SQUARE_A)]
+
+
+def marker_engine_factory() -> decode_mod.Engine:
+    return marker_engine
+
+
+def marked(marker: int) -> np.ndarray:
+    frame = np.zeros((48, 64), np.uint8)
+    frame[0, 0] = marker
+    return frame
+
+
+@pytest.mark.parametrize("marker", [MARK_SEGV, MARK_ABORT, MARK_HANG])
+def test_a_crash_or_hang_in_the_decoder_process_costs_one_frame(marker: int) -> None:
+    with Decoder(isolate=True, deadline_s=0.5, engine=marker_engine_factory) as decoder:
+        assert [s.payload for s in decoder.decode(marked(0))] == [b"OK"]
+        start = time.monotonic()
+        assert decoder.decode(marked(marker)) == []
+        assert time.monotonic() - start < 5  # the deadline bounds a hang; a crash is seen at once
+        assert decoder.worker_failures == 1
+        assert [s.payload for s in decoder.decode(marked(0))] == [b"OK"]  # respawned
+        assert [s.payload for s in decoder.decode(marked(0))] == [b"OK"]
+        assert decoder.worker_failures == 1
+
+
+def test_the_isolated_chain_reads_what_the_in_process_chain_reads() -> None:
+    frame = scene([(render("ISOLATED-1"), 100, 60), (render("ISOLATED-2"), 360, 100)])
+    with Decoder(isolate=True) as isolated:
+        got = isolated.decode(frame)
+        # Bigger frames than the first buffer also work (the worker restarts with room).
+        big = np.zeros((1080, 1920), np.uint8) + 120
+        big[:480, :640] = frame
+        got_big = isolated.decode(big)
+    assert sorted(s.payload for s in got) == [b"ISOLATED-1", b"ISOLATED-2"]
+    assert got == Decoder().decode(frame)
+    assert sorted(s.payload for s in got_big) == [b"ISOLATED-1", b"ISOLATED-2"]
+
+
+def test_close_is_idempotent_and_bad_engines_fail_in_the_caller() -> None:
+    decoder = Decoder(isolate=True)
+    decoder.close()
+    decoder.close()
+    with pytest.raises(ValueError):
+        Decoder(("opencv",), isolate=True)
+
+
+# --- the probe and rescue steps ---------------------------------------------------------------
+
+
+def test_the_probe_runs_only_when_zxing_read_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_probe(image: np.ndarray) -> tuple[list[Symbol], list[decode_mod.Polygon]]:
+        calls.append(image.shape)
+        return [zx(b"P", SQUARE_B)], []
+
+    monkeypatch.setattr(decode_mod, "_probe", fake_probe)
+    Engines(monkeypatch, ([zx(b"A")], []), [])
+    assert Decoder().decode(FRAME) == [zx(b"A")]
+    assert calls == []
+    Engines(monkeypatch, ([], []), [])
+    decoder = Decoder()
+    assert decoder.decode(FRAME) == [zx(b"P", SQUARE_B)]
+    assert calls == [FRAME.shape] and decoder.wins["probe"] == 1
+    assert Decoder(rescue=()).decode(FRAME) == []
+
+
+def test_rescue_steps_run_only_on_an_uncovered_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_global(image: np.ndarray) -> list[Symbol]:
+        calls.append("global")
+        return [zx(b"G", SQUARE_B)]
+
+    monkeypatch.setattr(decode_mod, "_zxing_global", fake_global)
+    monkeypatch.setattr(decode_mod, "_probe", lambda image: ([], []))
+    Engines(monkeypatch, ([zx(b"A")], []), [])
+    assert Decoder().decode(FRAME) == [zx(b"A")]
+    assert calls == []
+    engines = Engines(monkeypatch, ([], [SQUARE_B]), [])
+    decoder = Decoder()
+    assert decoder.decode(FRAME) == [zx(b"G", SQUARE_B)]
+    assert calls == ["global"] and engines.zbar_calls == 1  # zbar first, then the rescue
+    assert decoder.wins["zxing-global"] == 1
+
+
+def test_unknown_rescue_step_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Decoder(rescue=("sharpen-everything",))
+
+
+# --- bench decode / bench frames --------------------------------------------------------------
+
+
+def test_bench_decode_counts_passes_and_false_positives(tmp_path: Path) -> None:
+    from scanner.decodebench import bench_decode
+
+    codes, empty = tmp_path / "codes", tmp_path / "no-qr"
+    codes.mkdir()
+    empty.mkdir()
+    cv2.imwrite(str(codes / "01.png"), scene([(render("BENCH-1"), 100, 60)]))
+    (codes / "01.txt").write_bytes(b"BENCH-1")
+    cv2.imwrite(str(codes / "02.png"), scene([]))  # expected but unreadable: a miss
+    (codes / "02.txt").write_bytes(b"BENCH-2")
+    cv2.imwrite(str(empty / "01.png"), scene([], seed=3))
+    report = bench_decode(tmp_path)
+    json.dumps(report)
+    assert report["folders"]["codes"]["images"] == 2
+    assert report["folders"]["no-qr"]["images"] == 1
+    for reader in ("zxing", "zbar", "chain"):
+        assert report["folders"]["codes"][reader]["passes"] == 1
+        assert report["folders"]["no-qr"][reader]["false_positives"] == 0
+        assert report["total"][reader]["median_ms"] > 0
+    assert report["chain_failed"] == ["codes/02"]
+
+
+def test_bench_frames_reports_each_reader() -> None:
+    from scanner.decodebench import bench_frames
+
+    report = bench_frames(frames=2, repeats=1, isolate=False)
+    row = report["640x480_one_code"]
+    assert set(row) >= {"zxing", "zbar", "chain", "chain_over_zxing_p50"}
+    assert row["chain"]["n"] == 2 and row["chain"]["p99"] >= row["chain"]["p50"]
+    assert report["640x480_empty"]["chain"]["frames_with_symbols"] == 0
+
+
+def test_bench_decode_command_refuses_a_missing_corpus(tmp_path: Path) -> None:
+    from scanner.cli import main
+
+    assert main(["bench", "decode", "--corpus", str(tmp_path / "missing")]) == 2

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+import cv2
 import jsonschema
+import numpy as np
 import pytest
 from gpiozero.pins.mock import MockFactory
 
@@ -23,6 +25,7 @@ from scanner import config as config_mod
 from scanner import events, synth
 from scanner.app import App
 from scanner.demo import ALLOWED, DENIED, write_demo_files
+from scanner.demo import SCENES as DEMO_SCENES
 from scanner.localbroker import LocalBroker
 from tests.mqtt_helpers import Subscriber, wait_until
 
@@ -187,7 +190,10 @@ def test_sigkill_with_unsent_rows_then_restart_delivers_everything(tmp_path):
     assert daemon.returncode == -signal.SIGKILL
     # After the crash, start the broker and the daemon again on frames with no codes in them.
     empty = tmp_path / "empty-frames"
-    synth.demo_frames(empty, [], fps=40.0)
+    empty.mkdir()
+    rng = np.random.default_rng(11)
+    for i in range(20):
+        cv2.imwrite(str(empty / f"{i:03d}.png"), synth.render_empty(rng))
     with broker, Subscriber(broker, "gate/+/+/checkin") as sub:
         path = tmp_path / "restart.toml"
         path.write_text(_toml(_table(cfg.path, {"camera.source": f"dir:{empty}"})))
@@ -236,8 +242,10 @@ def test_demo_command_runs_end_to_end():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     out = result.stdout
     assert "relay on" in out
-    assert out.count("subscriber ← checkin") == 6
-    assert "reason=denylisted" in out and "reason=unknown_format" in out
+    assert out.count("subscriber ← checkin") == len(DEMO_SCENES)
+    for reason in ("denylisted", "not_allowlisted", "unknown_format", "expired"):
+        assert f"reason={reason}" in out
+    assert "accepted reason=ok type=signed" in out
 
 
 def outbox_depth(db: Path) -> int:

@@ -7,19 +7,22 @@ import jsonschema
 import pytest
 
 from scanner import credentials, events, policy
+from scanner.lists import TrustData
 from scanner.models import CredentialType
 
 SCHEMA = json.loads(events.schema_path().read_text())
 
 
 def make(payload: bytes, seq: int = 1, key: bytes = b"k" * 32) -> dict:
+    credential = credentials.parse(payload)
     decision = policy.decide(
-        credentials.parse(payload),
-        lists=policy.Lists(),
-        accept=frozenset(CredentialType),
-        site="s",
+        credential,
+        subject=None,
+        rules=policy.Rules(accept=frozenset(CredentialType), site="s"),
+        trust=TrustData(),
         now=datetime.now(UTC),
     )
+
     event = events.build_event(
         decision,
         seq=seq,
@@ -29,7 +32,7 @@ def make(payload: bytes, seq: int = 1, key: bytes = b"k" * 32) -> dict:
         direction="in",
         scanned_at=datetime(2026, 11, 29, 1, 2, 3, 456789, tzinfo=UTC),
         clock_synced=True,
-        pseudonymizer=events.Pseudonymizer(key),
+        subject=events.Pseudonymizer(key).subject(str(credential.type), credential.identity),
     )
     return json.loads(events.to_json(event))
 

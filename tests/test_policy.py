@@ -1,20 +1,34 @@
-import os
+import random
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
-from scanner import credentials, policy
+from scanner import credentials, lists, policy
+from scanner.lists import ListInfo, TextList, TrustData
 from scanner.models import Credential, CredentialType, Reason
 
 NOW = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
 ALL = frozenset(CredentialType) - {CredentialType.UNKNOWN}
+RULES = policy.Rules(accept=ALL, site="s1", anti_passback_s=60.0)
+EMPTY = TrustData()
 
 
-NO_LISTS = policy.Lists()
+def text_list(name: str, *entries: bytes, issued: datetime | None = None) -> TextList:
+    return TextList(frozenset(entries), ListInfo(name, Path(f"{name}.txt"), "1", issued, len(entries)))
 
 
-def decide(payload: bytes, *, lists=NO_LISTS, accept=ALL):
-    return policy.decide(credentials.parse(payload), lists=lists, accept=accept, site="s1", now=NOW)
+def decide(payload: bytes, *, trust=EMPTY, rules=RULES, subject=None, since=None):
+    credential = credentials.parse(payload, NOW)
+    return policy.decide(
+        credential, subject=subject, rules=rules, trust=trust, now=NOW, since_last_accept_s=since
+    )
+
+
+def check(credential: Credential, *, trust=EMPTY, rules=RULES, since=None) -> Reason:
+    return policy.decide(
+        credential, subject=None, rules=rules, trust=trust, now=NOW, since_last_accept_s=since
+    ).reason
 
 
 @pytest.mark.parametrize(
@@ -27,8 +41,10 @@ def decide(payload: bytes, *, lists=NO_LISTS, accept=ALL):
         (b"\xff\xfe\x00\x01", Reason.UNKNOWN_FORMAT),
         (b"line\nbreak", Reason.UNKNOWN_FORMAT),
         (b"A" * 257, Reason.MALFORMED),
-        (b"HC1:NCFOXN%TS3DH", Reason.UNKNOWN_FORMAT),  # a DCC must never pass as a plain code
-        ("001099012345|123456789|Nguyễn Văn A|01011990|Nam|Hà Nội|01012021".encode(), Reason.UNKNOWN_FORMAT),
+        (b"HC1:NCFOXN%TS3DH", Reason.MALFORMED),  # always judged as a DCC, never as a plain code
+        (b"GP1:ABCDEF", Reason.MALFORMED),
+        ("001099012345|123456789|Nguyễn Văn A|01011990|Nam|Hà Nội|01012021".encode(), Reason.OK),
+        (b"001099012345|123456789|A|32131990|Nam|X|01012021", Reason.MALFORMED),
     ],
 )
 def test_payload_table(payload, reason):
@@ -36,47 +52,82 @@ def test_payload_table(payload, reason):
 
 
 def test_any_random_or_oversized_payload_is_a_reject_with_a_reason_never_an_exception():
-    rng = __import__("random").Random(1)
+    rng = random.Random(1)
     for size in [0, 1, 2, 7, 64, 255, 256, 257, 1000, 3000, 7089]:
         for _ in range(30):
-            payload = bytes(rng.getrandbits(8) for _ in range(size))
-            decision = decide(payload)
+            decision = decide(bytes(rng.getrandbits(8) for _ in range(size)))
             assert isinstance(decision.reason, Reason)
             assert decision.accepted == (decision.reason == Reason.OK)
-    assert not decide(os.urandom(3000)).accepted
 
 
-def test_lists():
-    lists = policy.Lists(deny=frozenset({b"EMP-0666"}), allow=frozenset({b"EMP-0001", b"EMP-0666"}))
-    assert decide(b"EMP-0001", lists=lists).reason == Reason.OK
-    assert decide(b"EMP-0666", lists=lists).reason == Reason.DENYLISTED  # deny beats allow
-    assert decide(b"EMP-9999", lists=lists).reason == Reason.NOT_ALLOWLISTED
-    assert decide(b"EMP-9999", lists=policy.Lists(deny=frozenset({b"X"}))).reason == Reason.OK
+def test_allow_and_deny_by_raw_value_or_pseudonym():
+    trust = TrustData(
+        allow=text_list("allowlist", b"EMP-0001", b"EMP-0666", b"ab" * 16),
+        deny=text_list("denylist", b"EMP-0666", b"cd" * 16),
+    )
+    assert decide(b"EMP-0001", trust=trust).reason == Reason.OK
+    assert decide(b"EMP-0666", trust=trust).reason == Reason.DENYLISTED  # deny beats allow
+    assert decide(b"EMP-9999", trust=trust).reason == Reason.NOT_ALLOWLISTED
+    assert decide(b"EMP-9999", trust=trust, subject="ab" * 16).reason == Reason.OK  # listed by pseudonym
+    assert decide(b"EMP-0001", trust=trust, subject="cd" * 16).reason == Reason.DENYLISTED
+    assert decide(b"EMP-9999", trust=TrustData(deny=text_list("denylist", b"X"))).reason == Reason.OK
 
 
 def test_type_not_accepted():
-    assert decide(b"EMP-1", accept=frozenset({CredentialType.SIGNED})).reason == Reason.TYPE_NOT_ACCEPTED
+    rules = policy.Rules(accept=frozenset({CredentialType.SIGNED}), site="s1")
+    assert decide(b"EMP-1", rules=rules).reason == Reason.TYPE_NOT_ACCEPTED
+
+
+def signed(**kw) -> Credential:
+    return Credential(CredentialType.SIGNED, b"subject-1", credential_id=bytes.fromhex("0a0b0c"), **kw)
 
 
 def test_validity_window_and_site():
-    def cred(**kw):
-        return Credential(CredentialType.SIGNED, b"pass-1", **kw)
-
-    def check(c):
-        return policy.decide(c, lists=policy.Lists(), accept=ALL, site="s1", now=NOW).reason
-
-    assert check(cred(valid_until=NOW)) == Reason.EXPIRED
-    assert check(cred(valid_until=NOW + timedelta(seconds=1))) == Reason.OK
-    assert check(cred(valid_from=NOW + timedelta(seconds=1))) == Reason.NOT_YET_VALID
-    assert check(cred(site="other")) == Reason.WRONG_SITE
-    assert check(cred(site="s1")) == Reason.OK
+    assert check(signed(valid_until=NOW)) == Reason.EXPIRED
+    assert check(signed(valid_until=NOW + timedelta(seconds=1))) == Reason.OK
+    assert check(signed(valid_from=NOW + timedelta(seconds=1))) == Reason.NOT_YET_VALID
+    assert check(signed(site="other")) == Reason.WRONG_SITE
+    assert check(signed(site="s1")) == Reason.OK
 
 
-def test_list_files_ignore_comments_and_blank_lines(tmp_path):
+def test_revocation_by_credential_id_in_hex():
+    assert check(signed(), trust=TrustData(revoked=text_list("revocation", b"0a0b0c"))) == Reason.REVOKED
+    assert check(signed(), trust=TrustData(revoked=text_list("revocation", b"ffffff"))) == Reason.OK
+
+
+def test_anti_passback_window():
+    assert check(signed(), since=10.0) == Reason.ANTI_PASSBACK
+    assert check(signed(), since=61.0) == Reason.OK
+    assert (
+        check(signed(), since=10.0, rules=policy.Rules(accept=ALL, site="s1", anti_passback_s=0)) == Reason.OK
+    )
+
+
+def test_stale_lists_reject_or_flag_only_for_the_types_that_use_them():
+    old = text_list("pass_trust", issued=NOW - timedelta(hours=30))
+    trust = TrustData(infos=(old.info,))
+    strict = policy.Rules(accept=ALL, site="s1", max_list_age_s=24 * 3600)
+    lenient = policy.Rules(accept=ALL, site="s1", max_list_age_s=24 * 3600, stale_action="flag")
+    assert check(signed(), trust=trust, rules=strict) == Reason.STALE_TRUST_DATA
+    flagged = policy.decide(signed(), subject=None, rules=lenient, trust=trust, now=NOW)
+    assert flagged.accepted and flagged.flags == (policy.STALE_FLAG,)
+    # A stale pass trust store says nothing about a plain badge.
+    assert decide(b"EMP-1", trust=trust, rules=strict).reason == Reason.OK
+    assert check(signed(), trust=trust, rules=policy.Rules(accept=ALL, site="s1")) == Reason.OK  # 0 = never
+
+
+def test_list_files_carry_version_and_issue_time(tmp_path):
     path = tmp_path / "allow.txt"
-    path.write_bytes(b"# staff\nEMP-0001\n\n  EMP-0002  \r\n")
-    assert policy.read_list(path) == {b"EMP-0001", b"EMP-0002"}
+    path.write_bytes(b"# version: 7\n# issued: 2026-11-28T06:00:00Z\n# staff\nEMP-0001\n\n  EMP-0002  \r\n")
+    loaded = lists.read_text_list("allowlist", path)
+    assert loaded.entries == {b"EMP-0001", b"EMP-0002"}
+    assert loaded.info.version == "7" and loaded.info.issued == datetime(2026, 11, 28, 6, tzinfo=UTC)
+    trust = TrustData(allow=loaded, infos=(loaded.info,))
+    assert trust.ages(NOW)["allowlist"]["age_s"] == 26 * 3600
+    path.write_bytes(b"# issued: yesterday\nX\n")
+    with pytest.raises(lists.ListError, match=r"allow\.txt"):
+        lists.read_text_list("allowlist", path)
 
 
 def test_identity_is_not_in_repr():
-    assert b"EMP-0001".decode() not in repr(credentials.parse(b"EMP-0001"))
+    assert "EMP-0001" not in repr(credentials.parse(b"EMP-0001"))

@@ -90,65 +90,24 @@ def run_capture(
     max_backoff_s: float = 5.0,
     finite_retries: int = 3,
 ) -> None:
-    """Body of the capture thread: read → slot.put until ``stop`` is set or a finite source ends.
+    """Body of a plain capture thread: read → slot.put until ``stop`` is set or a finite source ends.
 
     The source should already be open (if opening failed, the first read fails and the loop
-    retries the open). On any error a live source is reopened after a backoff that doubles up
-    to ``max_backoff_s``: a dislodged ribbon cable or a dropped RTSP stream must neither spin a
-    core nor end the thread silently. A finite source gets ``finite_retries`` more attempts in a
-    row, then its run ends. Every error reaches ``on_error`` (the health/watchdog seam) and the
-    log. The slot is closed on the way out, so a decoder waiting on it wakes up instead of
-    waiting for frames that will never come.
+    reopens it). Errors only, no frame checks and no stall monitor: the daemon runs
+    :class:`~scanner.camera.watchdog.CameraSupervisor` itself, which this wraps. On any error a
+    live source is reopened after a backoff that doubles up to ``max_backoff_s``; a finite source
+    gets ``finite_retries`` more attempts in a row. Every error reaches ``on_error`` and the log.
+    The slot is closed on the way out.
     """
-    delay = backoff_s
-    delivered = 0
-    failures = 0
-    try:
-        while not stop.is_set():
-            try:
-                frame = source.read(read_timeout)
-            except Exception as exc:  # any failure: a capture thread that dies leaves the gate blind
-                _report(exc, on_error)
-                failures += 1
-                if source.finite and failures > finite_retries:
-                    # A replay that keeps failing will not heal; end it (reported) rather than
-                    # keep a finite run from ever finishing.
-                    log.error("camera: giving up on the finite source after %d errors", failures)
-                    break
-                if stop.wait(delay):
-                    break
-                delay = min(delay * 2, max_backoff_s)
-                if not source.finite or delivered == 0:  # a replay reopened would restart at the top
-                    _reopen(source, on_error)
-                continue
-            if frame is None:
-                log.info("finite frame source ended")
-                break
-            delay = backoff_s
-            failures = 0
-            delivered += 1
-            slot.put(frame)
-    finally:
-        slot.close()
+    from scanner.camera.watchdog import CameraSupervisor
 
-
-def _report(exc: Exception, on_error: Callable[[Exception], None] | None) -> None:
-    if isinstance(exc, CameraError):
-        log.warning("camera: %s", exc)
-    else:
-        log.error("camera: unexpected failure", exc_info=exc)
-    if on_error is not None:
-        try:
-            on_error(exc)
-        except Exception:
-            log.exception("camera: on_error callback failed")
-
-
-def _reopen(source: FrameSource, on_error: Callable[[Exception], None] | None) -> None:
-    # A live device that failed once rarely recovers without being reopened (V4L2 after a
-    # USB reset, RTSP after the stream dropped, libcamera after a stall).
-    try:
-        source.close()
-        source.open()
-    except Exception as exc:
-        _report(exc, on_error)
+    CameraSupervisor(
+        source,
+        slot,
+        on_error=on_error,
+        read_timeout=read_timeout,
+        backoff_s=backoff_s,
+        max_backoff_s=max_backoff_s,
+        finite_retries=finite_retries,
+        open_first=False,
+    ).run(stop)

@@ -2,39 +2,94 @@
 
 A parser returns ``None`` for "not my format" and a Credential (possibly with ``problem``
 set) for anything it recognises, so a malformed pass is reported as a malformed pass and
-not as an unknown code. Parsers never raise on any input: a QR code is attacker-controlled.
+not as an unknown code. Parsers never raise on any input: a QR code is attacker-controlled;
+should one raise anyway (a bug), the reader turns it into a ``malformed`` reject.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 from scanner.credentials import plain
 from scanner.models import Credential, CredentialType, Reason
 
+if TYPE_CHECKING:
+    from scanner.config import Config
+    from scanner.lists import TrustData
+
 log = logging.getLogger(__name__)
 
-Parser = Callable[[bytes], Credential | None]
-
-# Order matters: specific, self-identifying formats first; plain codes are the catch-all.
-PARSERS: tuple[Parser, ...] = (plain.parse,)
+ParseFn = Callable[[bytes, datetime], Credential | None]
 
 
-def parse(payload: bytes) -> Credential:
-    for parser in PARSERS:
-        try:
-            credential = parser(payload)
-        except Exception as exc:  # a parser bug must become a reject, never a dead gate
-            log.exception("credential parser %s failed", parser.__module__)
-            return Credential(
-                CredentialType.UNKNOWN,
-                b"",
-                problem=Reason.MALFORMED,
-                detail=f"parser error: {type(exc).__name__}",
-            )
-        if credential is not None:
-            return credential
-    return Credential(
-        CredentialType.UNKNOWN, b"", problem=Reason.UNKNOWN_FORMAT, detail="no parser recognised it"
+class CredentialReader:
+    def __init__(self, parsers: Sequence[ParseFn]) -> None:
+        # Order matters: specific, self-identifying formats first; plain codes are the catch-all.
+        self._parsers = tuple(parsers)
+
+    def parse(self, payload: bytes, now: datetime) -> Credential:
+        for parser in self._parsers:
+            try:
+                credential = parser(payload, now)
+            except Exception as exc:  # a parser bug must become a reject, never a dead gate
+                log.exception("credential parser %s failed", getattr(parser, "__qualname__", parser))
+                return Credential(
+                    CredentialType.UNKNOWN,
+                    b"",
+                    problem=Reason.MALFORMED,
+                    detail=f"parser error: {type(exc).__name__}",
+                )
+            if credential is not None:
+                return credential
+        return Credential(
+            CredentialType.UNKNOWN, b"", problem=Reason.UNKNOWN_FORMAT, detail="no parser recognised it"
+        )
+
+
+def _plain(payload: bytes, _now: datetime) -> Credential | None:
+    return plain.parse(payload)
+
+
+def parse(payload: bytes, now: datetime | None = None) -> Credential:
+    """Every format, with no trust data (tools, tests): signed formats come out ``unknown_issuer``."""
+    from datetime import UTC
+
+    from scanner.lists import TrustData
+
+    return reader_for(TrustData(), None).parse(payload, now or datetime.now(UTC))
+
+
+def reader_for(trust: TrustData, config: Config | None) -> CredentialReader:
+    """The parsers this gate runs, bound to its current trust data.
+
+    Every format is always recognised, even one this gate does not accept or has no trust
+    data for: an EU DCC with no trust list configured is an ``unknown_issuer`` DCC, never a
+    plain code that an empty allow list would let through.
+    """
+    from datetime import UTC
+
+    from scanner.credentials import cccd, dcc, signed
+
+    rules = dcc.DccRules()
+    if config is not None:
+        rules = dcc.DccRules(
+            vaccination=config.dcc.vaccination,
+            test=config.dcc.test,
+            recovery=config.dcc.recovery,
+            vaccination_min_days=config.dcc.vaccination_min_days,
+            test_max_hours=float(config.dcc.test_max_hours),
+        )
+    pass_trust = trust.pass_trust or signed.TrustStore.of(
+        [], version=0, issued=datetime(1970, 1, 1, tzinfo=UTC)
+    )
+    dcc_trust = trust.dcc_trust or dcc.DccTrustList.of([])
+
+    def _cccd(payload: bytes, _now: datetime) -> Credential | None:
+        return cccd.parse(payload)
+
+    return CredentialReader(
+        [signed.PassVerifier(pass_trust).parse, dcc.DccVerifier(dcc_trust, rules).parse, _cccd, _plain]
     )
