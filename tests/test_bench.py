@@ -9,9 +9,12 @@ from scanner.bench import bench_pipeline
 
 def test_bench_pipeline_measures_every_figure():
     figures = bench_pipeline(frames=8)
-    assert figures["relay_opened_on"] == "8/8"
-    for key in ("decode_ms", "frame_to_relay_on_ms"):
-        assert figures[key]["n"] == 8 and 0 < figures[key]["p50"] <= figures[key]["p99"]
+    for variant in ("in_process", "isolated"):
+        assert figures[variant]["relay_opened_on"] == "8/8"
+        for key in ("decode_ms", "frame_to_relay_on_ms"):
+            measured = figures[variant][key]
+            assert measured["n"] == 8 and 0 < measured["p50"] <= measured["p99"]
+    assert set(figures["decision_ms_by_type"]) == {"plain", "cccd", "signed", "dcc"}
     assert figures["outbox_commits_per_s"] > 0
     daemon = figures["daemon"]
     assert daemon["exit_code"] == 0 and daemon["ready_s"] is not None and daemon["peak_rss_mb"] > 0
