@@ -687,3 +687,12 @@ def test_cli_bench_dcc_needs_a_directory(tmp_path: Path, capsys: pytest.CaptureF
 
     assert main(["bench", "dcc", "--testdata", str(tmp_path / "missing")]) == 2
     assert "--testdata" in capsys.readouterr().err
+
+
+def test_bytes_appended_after_the_zlib_stream_are_rejected(es_issuer: Issuer) -> None:
+    valid = build(es_issuer)
+    compressed = base45.decode(valid[4:])
+    padded = b"HC1:" + base45.encode(compressed + b"\x00junk").encode()
+    assert DccVerifier(trust_of(es_issuer)).parse(valid, NOW).problem is None
+    cred = DccVerifier(trust_of(es_issuer)).parse(padded, NOW)
+    assert cred is not None and cred.problem is Reason.MALFORMED

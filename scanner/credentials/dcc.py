@@ -137,6 +137,10 @@ def inflate(data: bytes) -> bytes:
             raise DccError(Reason.MALFORMED, f"zlib: inflates beyond {MAX_INFLATED} bytes")
         if not inflater.eof:
             raise DccError(Reason.MALFORMED, "zlib: truncated stream")
+        if inflater.unused_data:
+            # Bytes after the stream are outside the signature: a canonical DCC has none, and a
+            # verifier that ignores them lets anyone append data to a valid certificate.
+            raise DccError(Reason.MALFORMED, "zlib: data after the end of the stream")
     except zlib.error:
         raise DccError(Reason.MALFORMED, "zlib: corrupt stream") from None
     return out
