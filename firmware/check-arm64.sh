@@ -51,6 +51,10 @@ mount --bind /sys "$root/sys"
 mount --bind /dev "$root/dev"
 mount --bind /dev/pts "$root/dev/pts"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# This scratch root file system must trust what the host trusts (a proxy may re-sign TLS):
+# pip there uses the system store, so the host's bundle goes into it.
+cp -L "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$root/etc/ssl/certs/ca-certificates.crt"
+unset PIP_FIND_LINKS PIP_CERT
 
 say "installing into a venv with system site packages (as the image recipe does)"
 chroot "$root" /bin/sh -ec '

@@ -7,22 +7,26 @@ a gate with a real camera and relay.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from scanner import __version__, credentials, events, health, lists, policy
+from scanner import __version__, commands, credentials, events, health, lists, policy, telemetry
 from scanner.camera import FrameSource, open_source
 from scanner.camera.slot import LatestFrameSlot
 from scanner.camera.watchdog import CameraSupervisor
 from scanner.config import Config
+from scanner.credentials.signed import TrustError
 from scanner.decode import Decoder
-from scanner.models import Decision, Frame, Reason
+from scanner.models import CheckinEvent, Decision, Frame, Reason
 from scanner.mqtt import Publisher
 from scanner.outbox import Outbox, OutboxError
 from scanner.signals import Signals, make_pin_factory
@@ -33,6 +37,11 @@ log = logging.getLogger(__name__)
 # A pipeline that throws on this many frames in a row is broken, not unlucky: exit non-zero
 # so systemd restarts the whole process instead of a gate that silently never scans.
 _MAX_CONSECUTIVE_ERRORS = 50
+# Operator commands waiting for the pipeline thread, and how many it takes per loop turn: a
+# flood on cmd/ (anyone the broker lets publish there) costs dropped commands, never memory
+# or frames.
+_COMMAND_QUEUE = 64
+_COMMANDS_PER_TURN = 8
 
 
 class Clock(Protocol):
@@ -118,6 +127,10 @@ class Gate:
         self._ids = events.Uuid7()
         self._last_accept: dict[tuple[str, bytes], float] = {}
         self.reasons: Counter[str] = Counter()
+        # Telemetry, read by the telemetry thread: plain counters and a bounded ring (one
+        # append per frame), so measuring costs the pipeline nothing it would notice.
+        self.frames = 0
+        self.decode_ms: deque[float] = deque(maxlen=telemetry.DECODE_RING)
         self.set_trust(trust if trust is not None else lists.load(config))
 
     @property
@@ -129,7 +142,10 @@ class Gate:
         self._state = (trust, credentials.reader_for(trust, self._config))
 
     def process(self, frame: Frame) -> list[Outcome]:
+        started = time.perf_counter()
         symbols = self._decoder.decode(frame.image)
+        self.decode_ms.append((time.perf_counter() - started) * 1000)
+        self.frames += 1
         fresh = self._tracker.update((s.payload for s in symbols), frame.captured)
         return [self._scan(payload) for payload in fresh]
 
@@ -197,6 +213,51 @@ class Gate:
         self._on_committed()
         return Outcome(decision, seq)
 
+    def remote_open(self, kid: str) -> tuple[bool, str]:
+        """An operator's signed ``open``: an entry without a credential, recorded like any other.
+
+        The event (decision accepted, reason ok, credential type ``operator`` with the
+        operator key id as issuer) is committed before the relay moves; if it cannot be
+        committed the gate stays shut and shows its fault, exactly as for a scan.
+        """
+        opened_at = self._clock.now()
+        synced = self._clock_synced()
+        device = self._config.device
+
+        def build(seq: int, _created: str) -> bytes:
+            return events.to_json(
+                CheckinEvent(
+                    event_id=self._ids.new(int(opened_at.timestamp() * 1000)),
+                    seq=seq,
+                    device=device.id,
+                    site=device.site,
+                    direction=device.direction,
+                    ts=events.utc_ms(opened_at),
+                    clock_synced=synced,
+                    decision="accepted",
+                    reason=str(Reason.OK),
+                    credential_type="operator",
+                    subject=None,
+                    issuer=kid or None,
+                )
+            )
+
+        try:
+            seq = self._outbox.append(build)
+        except OutboxError as exc:
+            self._signals.set_fault(True)
+            self._alarms.raise_("outbox", f"cannot record check-ins: {exc}")
+            log.error("remote open refused: it could not be recorded (%s); gate stays shut", exc)
+            return False, f"the open could not be recorded ({exc}); the gate stays shut"
+        if "outbox" in self._alarms.snapshot():
+            self._alarms.clear("outbox")
+            self._signals.set_fault(False)
+        self._signals.accepted()  # only now, with the record durable
+        self.reasons[Reason.OK] += 1
+        log.info("seq=%d accepted reason=ok type=operator (remote open, kid %s)", seq, kid or "-")
+        self._on_committed()
+        return True, f"opened; recorded as seq {seq}"
+
     def _remember_accept(self, key: tuple[str, bytes], now_mono: float) -> None:
         window = self._rules.anti_passback_s
         if window <= 0:
@@ -215,6 +276,7 @@ class App:
         source: FrameSource | None = None,
         clock: Clock | None = None,
         notifier: health.SystemdNotifier | None = None,
+        sampler: telemetry.Sampler | None = None,
     ) -> None:
         self.config = config
         self._pin_factory = pin_factory
@@ -228,36 +290,105 @@ class App:
         self._last_frame = 0.0
         self._camera_down_since: float | None = None  # monotonic; first failure of the current outage
         self._last_tick = 0.0
+        self._started_mono = time.monotonic()
+        self._sampler = sampler or telemetry.Sampler(config)
+        # Commands from paho's thread, drained on the pipeline thread (never run in the callback).
+        self._commands: queue.Queue[commands.Inbound] = queue.Queue(maxsize=_COMMAND_QUEUE)
+        self._commands_dropped = 0
+        self._handler: commands.CommandHandler | None = None
+        self._verifier: commands.Verifier | None = None
+        self._outbox: Outbox | None = None
+        self._decoder: Decoder | None = None
+        self._publisher: Publisher | None = None
 
     def status(self) -> dict[str, Any]:
         return {
-            "schema": "gate-scanner/status/1",
+            "schema": telemetry.STATUS_SCHEMA,
             "version": __version__,
             "config_hash": self.config.digest,
             "camera": self.camera_state,
             "alarms": self.alarms.snapshot(),
             "started": events.utc_ms(self.started_at),
             "lists": self.gate.trust.ages(self._clock.now()) if self.gate is not None else {},
+            "outbox": {"depth": self._outbox_depth(), "max": self.config.storage.outbox_max_events},
+            "selftest": None,  # the technicians' self-test fills this in
         }
+
+    def health(self, *, remember: bool = True) -> dict[str, Any]:
+        """The ``health`` payload (telemetry thread; ``remember=False`` for an ad-hoc snapshot)."""
+        gate, outbox = self.gate, self._outbox
+        oldest = None
+        if outbox is not None:
+            with contextlib.suppress(OutboxError):
+                oldest = outbox.oldest_created()
+        return self._sampler.sample(
+            now=self._clock.now(),
+            mono=time.monotonic(),
+            started_mono=self._started_mono,
+            frames=gate.frames if gate is not None else 0,
+            decode_ms=list(gate.decode_ms) if gate is not None else [],
+            reasons=dict(gate.reasons) if gate is not None else {},
+            outbox_depth=self._outbox_depth(),
+            outbox_oldest=oldest,
+            camera=self.camera_state,
+            worker_failures=self._decoder.worker_failures if self._decoder is not None else 0,
+            reconnects=self._publisher.reconnects if self._publisher is not None else 0,
+            remember=remember,
+        )
+
+    def _outbox_depth(self) -> int | None:
+        if self._outbox is None:
+            return None
+        try:
+            return self._outbox.depth()
+        except OutboxError:
+            return None
+
+    def _check_outbox_fill(self) -> None:
+        """Raise ``outbox_filling`` at 80 % of the bound, clear it below 70 % (cheap: a cached count)."""
+        depth = self._outbox_depth()
+        if depth is None:
+            return
+        capacity = self.config.storage.outbox_max_events
+        active = "outbox_filling" in self.alarms.snapshot()
+        want = telemetry.fill_alarm(depth, capacity, active)
+        if want and not active:
+            self.alarms.raise_(
+                "outbox_filling",
+                f"unsent check-ins at {int(telemetry.FILL_RAISE * 100)}% or more of "
+                f"storage.outbox_max_events ({capacity}); at the bound the gate fails secure",
+            )
+        elif active and not want:
+            self.alarms.clear("outbox_filling")
 
     def request_reload(self) -> None:
         """Reload every list (SIGHUP). Loads in a thread and swaps at once: no frame waits for disk."""
         threading.Thread(target=self._reload, name="reload", daemon=True).start()
 
-    def _reload(self) -> None:
+    def _reload(self) -> tuple[bool, str]:
+        """Reload lists and operator keys; (ok, what happened) for a command's reply."""
         gate = self.gate
         if gate is None:
-            return
+            return False, "the gate is not running"
         try:
             trust = lists.load(self.config)
         except lists.ListError as exc:
             # Keep deciding with the lists we have: an empty deny list would let banned people in.
             self.alarms.raise_("lists", f"reload failed, previous lists kept: {exc}")
-            return
+            return False, f"previous lists kept: {exc}"
         gate.set_trust(trust)
-        log.info("lists reloaded: %s", ", ".join(f"{i.name} v{i.version}" for i in trust.infos) or "none")
+        loaded = ", ".join(f"{i.name} v{i.version}" for i in trust.infos) or "none"
+        log.info("lists reloaded: %s", loaded)
         self.alarms.clear("lists")
         self.alarms.on_change()
+        if self._verifier is not None:
+            try:
+                self._verifier.set_keys(commands.load_operator_keys(self.config.commands.operator_keys_file))
+            except TrustError as exc:
+                self.alarms.raise_("operator_keys", f"reload failed, previous operator keys kept: {exc}")
+                return False, f"lists reloaded ({loaded}); operator keys kept: {exc}"
+            self.alarms.clear("operator_keys")
+        return True, f"lists reloaded: {loaded}"
 
     def run(self, stop: threading.Event) -> int:
         """Run until ``stop`` is set (exit 0) or a finite source ends (drain, exit 0)."""
@@ -282,12 +413,24 @@ class App:
         config = self.config
         pseudonymizer = events.Pseudonymizer(events.load_or_create_key(config.subject_key_path))
         trust = lists.load(config)  # a broken list stops the start: deciding without it is unsafe
+        try:
+            operator_keys = commands.load_operator_keys(config.commands.operator_keys_file)
+        except TrustError as exc:
+            raise lists.ListError(f"commands.operator_keys_file: {exc}") from exc
+        self._outbox = outbox
         publisher = Publisher(
-            config, outbox, status=self.status, on_alarm=self.alarms.raise_, on_alarm_clear=self.alarms.clear
+            config,
+            outbox,
+            status=self.status,
+            on_alarm=self.alarms.raise_,
+            on_alarm_clear=self.alarms.clear,
+            on_command=self._enqueue_command,
         )
+        self._publisher = publisher
         self.alarms.on_change = publisher.publish_status
         # A crash or hang in native decoder code costs one frame and a respawn, not the gate.
         decoder = Decoder(config.decoder.engines, isolate=config.decoder.isolate)
+        self._decoder = decoder
         self.gate = gate = Gate(
             config,
             decoder=decoder,
@@ -297,8 +440,19 @@ class App:
             clock=self._clock,
             alarms=self.alarms,
             trust=trust,
-            on_committed=publisher.wake,
+            on_committed=lambda: (publisher.wake(), self._check_outbox_fill()),
         )
+        self._verifier = commands.Verifier(config, operator_keys, started=self._clock.now())
+        self._handler = commands.CommandHandler(
+            config,
+            self._verifier,
+            now=self._clock.now,
+            publish=publisher.publish_reply,
+            open_gate=gate.remote_open,
+            reload=self._reload,
+            snapshot=lambda: self.health(remember=False),
+        )
+        self._check_outbox_fill()  # a gate restarting with a full outbox says so at once
         source = self._source or open_source(config.camera)
         slot = LatestFrameSlot()
         capture_stop = threading.Event()
@@ -314,10 +468,15 @@ class App:
         supervisor.start(capture_stop)
         watchdog = health.WatchdogFeeder(self._notifier, self._alive, stop)
         watchdog.start()
+        telemetry_thread = threading.Thread(
+            target=self._telemetry, args=(publisher, capture_stop), name="telemetry", daemon=True
+        )
+        telemetry_thread.start()
         try:
             finished = self._pipeline(gate, slot, signals, stop)
         finally:
             capture_stop.set()
+            telemetry_thread.join(timeout=2)
             self._notifier.stopping()
             supervisor.join(config.camera.capture_timeout_s + 1)
             source.close()
@@ -353,6 +512,7 @@ class App:
         ready = False
         while not stop.is_set():
             self._last_tick = time.monotonic()
+            self._run_commands()
             frame = slot.get(timeout=0.25, after_seq=last_seq)
             if frame is None:
                 if slot.closed:
@@ -375,6 +535,45 @@ class App:
                     log.critical("pipeline keeps failing; exiting so the service manager restarts it")
                     return None
         return False
+
+    def _enqueue_command(self, inbound: commands.Inbound) -> None:
+        """Publisher's on_command (paho's thread): enqueue or drop, never block."""
+        try:
+            self._commands.put_nowait(inbound)
+        except queue.Full:
+            self._commands_dropped += 1
+            if self._commands_dropped in (1, 10, 100) or self._commands_dropped % 1000 == 0:
+                log.warning("command queue full: %d commands dropped unanswered", self._commands_dropped)
+
+    def _run_commands(self) -> None:
+        """Operator commands waiting from the broker (pipeline thread; disk work goes to a worker)."""
+        handler = self._handler
+        if handler is None:
+            return
+        for _ in range(_COMMANDS_PER_TURN):
+            try:
+                inbound = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                handler.handle(inbound)
+            except Exception:
+                log.exception("command %r failed", inbound.name)
+
+    def _telemetry(self, publisher: Publisher, stop: threading.Event) -> None:
+        """Every ``telemetry.interval_s``: the outbox fill alarm, then a retained ``health``."""
+        interval = self.config.telemetry.interval_s
+        # The first sample soon after the start: an operator watching a gate come back should
+        # not wait a whole interval to see how it is.
+        wait = min(interval, 5.0)
+        while not stop.wait(wait):
+            wait = interval
+            try:
+                self._check_outbox_fill()
+                body = json.dumps(self.health(), separators=(",", ":"), sort_keys=True)
+                publisher.publish_health(body.encode("utf-8"))
+            except Exception:
+                log.exception("telemetry sample failed")
 
     def _camera_state_changed(self, signals: Signals, state: str, reason: str) -> None:
         """CameraSupervisor's on_state (capture or camera-watchdog thread)."""

@@ -41,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
 
     add_pass_commands(sub)
 
+    from scanner.commands import add_cmd_commands
+
+    add_cmd_commands(sub)
+
+    from scanner.monitor import add_monitor_command
+    from scanner.pki import add_pki_commands
+
+    add_pki_commands(sub)
+    add_monitor_command(sub)
+
     bench = sub.add_parser("bench", help="print benchmark figures as JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     pipeline = bench_sub.add_parser("pipeline", help="decode, frame-to-relay latency, outbox, RSS, READY")
@@ -55,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     corpus.add_argument("--isolate", action="store_true", help="run the chain in the decoder process")
     frames = bench_sub.add_parser("frames", help="ms per synthetic frame per engine and chain")
     frames.add_argument("--frames", type=int, default=40, help="distinct frames per size and kind")
+    from scanner.collector import add_collect_command
+    from scanner.outboxbench import add_bench_outbox
+    from scanner.trace import add_trace_command
+
+    add_bench_outbox(bench_sub)
+    add_collect_command(sub)
+    add_trace_command(sub)
     return parser
 
 
@@ -95,6 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         from scanner.passes import run_pass_command
 
         return run_pass_command(args)
+    if command == "cmd":
+        from scanner.commands import run_cmd_command
+
+        return run_cmd_command(args)
+    if command == "pki":
+        from scanner.pki import run_pki_command
+
+        return run_pki_command(args)
+    if command == "monitor":
+        from scanner.monitor import run_monitor_command
+
+        return run_monitor_command(args)
     if command == "demo":
         from scanner.demo import run_demo
 
@@ -126,6 +155,18 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         print(json.dumps(bench_decode(args.corpus, isolate=args.isolate), indent=2))
         return EXIT_OK
+    if command == "collect":
+        from scanner.collector import run_collect_command
+
+        return run_collect_command(args)
+    if command == "trace":
+        from scanner.trace import run_trace_command
+
+        return run_trace_command(args)
+    if command == "bench" and args.bench == "outbox":
+        from scanner.outboxbench import run_bench_outbox
+
+        return run_bench_outbox(args)
     if command == "bench":
         from scanner.bench import bench_pipeline
 

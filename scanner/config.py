@@ -227,8 +227,46 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    interval_s: float = _opt(30.0, "seconds between retained health publications", min=0.2, max=3600.0)
+
+
+@dataclass(frozen=True, slots=True)
+class CommandsConfig:
+    operator_keys_file: Path | None = _opt(
+        None,
+        "JSON store of operator Ed25519 keys (pass trust store format) that may sign open, reload"
+        " and lists; unset: those commands are refused",
+        must_exist=True,
+    )
+    max_age_s: float = _opt(
+        60.0,
+        "a signed command whose ts is further than this from the gate's clock is stale",
+        min=1.0,
+        max=3600.0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HomeAssistantConfig:
+    enabled: bool = _opt(False, "publish retained Home Assistant MQTT discovery configs on connect")
+    discovery_prefix: str = _opt("homeassistant", "Home Assistant discovery topic prefix", pattern=_NAME)
+
+
+@dataclass(frozen=True, slots=True)
 class CollectorConfig:
     store: str = _opt("sqlite:/var/lib/gate-scanner/collector.db", "sqlite:PATH or postgresql://…")
+    name: str = _opt(
+        "collector",
+        "unique per collector: MQTT client id and status topic segment (several may share one store)",
+        pattern=_NAME,
+    )
+    session_expiry_s: int = _opt(
+        3600,
+        "how long the broker queues check-ins for this collector while it is down",
+        min=0,
+        max=604_800,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +281,9 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     # Not TOML keys: derived at load time.
     path: Path = field(default=Path("<memory>"), metadata={"derived": True})

@@ -1,4 +1,5 @@
-"""The broker link: availability with a last will, retained status, check-ins from the outbox.
+"""The broker link: availability with a last will, retained status and health, check-ins from the
+outbox, operator commands in and their replies out.
 
 Threads: paho's network thread runs the callbacks; they only put items on a queue (paho
 holds its own lock while calling them, so taking any lock there that is also held around
@@ -20,6 +21,11 @@ Delivery bookkeeping, per connection:
 - A PUBACK with a failure reason (MQTT v5, e.g. 0x87 not authorized) keeps the row, raises
   the ``publish_refused`` alarm once per backoff period and holds all publishing for a
   doubling delay (1 s … 60 s) before retrying the refused rows.
+
+Commands (``cmd/+``) are subscribed on every connect with retain-as-published, so a retained
+command is recognisable as one whether it was stored before we subscribed or published
+while we were; the callback hands each one to ``on_command`` (the app's queue) unparsed.
+Health payloads and command replies are built elsewhere and only published here.
 """
 
 from __future__ import annotations
@@ -35,8 +41,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from scanner import __version__
+from scanner.commands import Inbound
 from scanner.config import Config
 from scanner.outbox import Outbox, OutboxError
 
@@ -46,11 +57,16 @@ ACK_SCHEMA = "gate-scanner/ack/1"
 WINDOW = 20  # in-flight check-ins; matches mosquitto's default max_inflight_messages
 TICK_S = 2.0  # safety-net poll of the outbox in case a wake() was missed
 REFUSED_BACKOFF_MIN_S = 1.0
+# delivery="collector": how far ahead of the collector's acks a gate may run, and how long
+# it waits for ack progress before sending everything unacked again.
+UNACKED_MAX = 5000
+ACK_TIMEOUT_S = 30.0
 REFUSED_BACKOFF_MAX_S = 60.0
 
 ClientFactory = Callable[..., mqtt.Client]
 
-# Queue items: (kind, *args). Kinds: connect, disconnect, puback, ack, wake, status, stop.
+# Queue items: (kind, *args). Kinds: connect, disconnect, puback, ack, wake, status, health,
+# reply, stop.
 _Item = tuple[Any, ...]
 
 
@@ -67,6 +83,8 @@ class Publisher:
         on_alarm_clear: Callable[[str], None] | None = None,
         client_factory: ClientFactory | None = None,
         window: int = WINDOW,
+        on_command: Callable[[Inbound], None] | None = None,
+        ack_timeout_s: float = ACK_TIMEOUT_S,
     ) -> None:
         self._config = config
         self._outbox = outbox
@@ -74,6 +92,7 @@ class Publisher:
         self._on_alarm = on_alarm
         self._on_alarm_clear = on_alarm_clear
         self._active_alarms: set[str] = set()  # publisher thread only
+        self._ack_timeout_s = ack_timeout_s
         self._max_window = window
         self._window = window
         self._collector = config.storage.delivery == "collector"
@@ -82,9 +101,16 @@ class Publisher:
         self._t_availability = config.topic("availability")
         self._t_status = config.topic("status")
         self._t_ack = config.topic("ack")
+        self._t_cmd = config.topic("cmd/+")
+        self._t_health = config.topic("health")
+        self._on_command = on_command
+        self._v5 = config.mqtt.protocol == "5"
+        self.reconnects = 0  # connections after the first (health telemetry); publisher thread writes
+        self._connects = 0
 
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._connected = threading.Event()
+        self._subscribed = threading.Event()  # the broker granted ack (and cmd/+) on this connection
         self._wake_pending = threading.Event()  # coalesces wake() calls into one queue item
         self._drained = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -93,6 +119,7 @@ class Publisher:
         # Owned by the publisher thread only.
         self._online = False
         self._cursor = 0
+        self._last_ack_progress = time.monotonic()
         self._inflight: dict[int, int] = {}
         self._refused: set[int] = set()
         self._hold_until = 0.0
@@ -128,6 +155,8 @@ class Publisher:
         client.on_publish = self._cb_publish
         client.on_subscribe = self._cb_subscribe
         client.message_callback_add(self._t_ack, self._cb_ack)
+        if self._on_command is not None:
+            client.message_callback_add(self._t_cmd, self._cb_cmd)
         return client
 
     # --- public API ------------------------------------------------------------------------
@@ -155,12 +184,26 @@ class Publisher:
         if not self._stopped:
             self._queue.put(("status",))
 
+    def publish_health(self, body: bytes) -> None:
+        """Publish a ``health`` payload (retained, QoS 0) from the publisher thread; dropped offline."""
+        if not self._stopped:
+            self._queue.put(("health", body))
+
+    def publish_reply(self, topic: str, body: bytes, correlation_data: bytes | None = None) -> None:
+        """Publish a command reply (QoS 1, never retained), echoing MQTT v5 correlation data."""
+        if not self._stopped:
+            self._queue.put(("reply", topic, body, correlation_data))
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """True once this connection's subscriptions (ack, commands) are in place."""
+        return self._subscribed.wait(timeout)
 
     def wait_drained(self, timeout: float) -> bool:
         """True once the outbox is empty; False if it is not within ``timeout`` seconds."""
@@ -221,6 +264,7 @@ class Publisher:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
     ) -> None:
         self._connected.clear()
+        self._subscribed.clear()
         self._queue.put(("disconnect", reason_code))
 
     def _cb_publish(
@@ -235,6 +279,23 @@ class Publisher:
 
     def _cb_ack(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._queue.put(("ack", bytes(message.payload)))
+
+    def _cb_cmd(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        props = message.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        inbound = Inbound(
+            name=message.topic.rsplit("/", 1)[-1],
+            payload=bytes(message.payload),
+            retain=bool(message.retain),
+            response_topic=response_topic or None,
+            correlation_data=bytes(correlation) if correlation is not None else None,
+        )
+        try:
+            assert self._on_command is not None
+            self._on_command(inbound)  # the app's queue: never blocks
+        except Exception:
+            log.exception("on_command failed")
 
     # --- publisher thread ------------------------------------------------------------------
 
@@ -281,9 +342,11 @@ class Publisher:
                     log.log(level, "cannot reach broker at %s; retrying", self._where)
                     fail_logged = True
                 elif kind == "suback":
+                    if not any(rc.is_failure for rc in item[1]):
+                        self._subscribed.set()
                     for rc in item[1]:
                         if rc.is_failure:
-                            log.error("subscription to %s refused: %s", self._t_ack, rc)
+                            log.error("subscription to %s or %s refused: %s", self._t_ack, self._t_cmd, rc)
                 elif kind == "ack":
                     self._on_ack(item[1])
                 elif kind == "wake":
@@ -291,6 +354,11 @@ class Publisher:
                 elif kind == "status":
                     if self._online:
                         self._send_status()
+                elif kind == "health":
+                    if self._online:
+                        self._client.publish(self._t_health, item[1], qos=0, retain=True)
+                elif kind == "reply":
+                    self._send_reply(item[1], item[2], item[3])
                 elif kind == "stop" and stop_deadline is None:
                     stop_deadline = item[1]
                     self._begin_stop()
@@ -311,11 +379,36 @@ class Publisher:
         # Everything still in the outbox gets another chance on this connection, except the
         # rows paho is resending itself under their old mids.
         self._cursor = 0
+        self._last_ack_progress = time.monotonic()
         self._refused.clear()
         self._hold_until = 0.0
-        self._client.subscribe(self._t_ack, qos=1)
+        self._connects += 1
+        self.reconnects = self._connects - 1
+        if self._v5:
+            # Retain-as-published: a retained command stays recognisable (and is never run).
+            subs: list[tuple[str, Any]] = [(self._t_ack, SubscribeOptions(qos=1))]
+            if self._on_command is not None:
+                subs.append((self._t_cmd, SubscribeOptions(qos=1, retainAsPublished=True)))
+        else:
+            subs = [(self._t_ack, 1)] + ([(self._t_cmd, 1)] if self._on_command is not None else [])
+        self._client.subscribe(subs)
         self._client.publish(self._t_availability, "online", qos=1, retain=True)
         self._send_status()
+        if self._config.homeassistant.enabled:
+            from scanner.telemetry import ha_discovery
+
+            for topic, body in ha_discovery(self._config, __version__):
+                self._client.publish(topic, body, qos=1, retain=True)
+
+    def _send_reply(self, topic: str, body: bytes, correlation_data: bytes | None) -> None:
+        props = None
+        if self._v5 and correlation_data is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = correlation_data
+        try:
+            self._client.publish(topic, body, qos=1, retain=False, properties=props)
+        except ValueError as exc:  # e.g. a response topic with wildcards
+            log.warning("cannot publish a command reply on %r: %s", topic, exc)
 
     def _on_disconnect(self, reason_code: ReasonCode) -> None:
         if self._online:
@@ -396,15 +489,14 @@ class Publisher:
             return
         try:
             removed = self._outbox.remove_upto(upto) if upto > 0 else 0
-            if ranges:
-                top = self._outbox.next_seq - 1  # clamp: a hostile range must not loop for ever
-                for a, b in ranges:
-                    lo, hi = max(a, 1), min(b, top)
-                    if lo <= hi:
-                        removed += self._outbox.remove(range(lo, hi + 1))
+            for first, last in ranges:
+                if last >= 1:
+                    removed += self._outbox.remove_range(max(first, 1), last)
         except OutboxError as exc:
             self._outbox_problem(exc)
             return
+        if removed:
+            self._last_ack_progress = time.monotonic()
         log.debug("collector ack upto %d, %d ranges: %d rows removed", upto, len(ranges), removed)
         self._notify_drained()
 
@@ -428,6 +520,8 @@ class Publisher:
                     row = self._outbox.pending(after_seq=seq - 1, limit=1)
                     if row and row[0][0] == seq:  # else the collector acked it meanwhile
                         self._publish_row(seq, row[0][1])
+            if self._collector and not self._collector_may_send():
+                return
             busy = set(self._inflight.values())
             while len(self._inflight) < self._window:
                 rows = self._outbox.pending(after_seq=self._cursor, limit=self._window - len(self._inflight))
@@ -443,6 +537,32 @@ class Publisher:
         except OutboxError as exc:
             self._outbox_problem(exc)
             self._hold_until = time.monotonic() + REFUSED_BACKOFF_MIN_S
+
+    def _collector_may_send(self) -> bool:
+        """Flow control and resend for delivery="collector".
+
+        A broker may PUBACK and then drop (its per-client queue is full, or it restarted
+        without persistence), so PUBACK proves nothing here. Two rules keep every event
+        moving: never run more than UNACKED_MAX events ahead of the collector's acks, and if
+        the acks stall for ``ack_timeout_s``, send everything unacked again from the oldest.
+        Duplicates are harmless: the collector stores by event_id.
+        """
+        oldest = self._outbox.pending(after_seq=0, limit=1)
+        if not oldest or oldest[0][0] > self._cursor:
+            self._last_ack_progress = time.monotonic()  # nothing is waiting for an ack
+            return True
+        first = oldest[0][0]
+        if time.monotonic() - self._last_ack_progress > self._ack_timeout_s and not self._inflight:
+            log.warning(
+                "no ack from the collector for %.0f s: resending from seq %d (%d waiting)",
+                self._ack_timeout_s,
+                first,
+                self._safe_depth(),
+            )
+            self._cursor = first - 1
+            self._last_ack_progress = time.monotonic()
+            return True
+        return self._cursor - first + 1 < UNACKED_MAX
 
     def _publish_row(self, seq: int, payload: bytes) -> None:
         try:

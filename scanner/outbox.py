@@ -138,11 +138,17 @@ class Outbox:
             return 0
         return self._delete("DELETE FROM outbox WHERE seq = ?", rows, many=True)
 
+    def remove_range(self, first: int, last: int) -> int:
+        """Delete every row with ``first`` <= seq <= ``last`` in one statement (a collector's ack range)."""
+        return self._delete(
+            "DELETE FROM outbox WHERE seq BETWEEN ? AND ?", [(int(first), int(last))], many=False
+        )
+
     def remove_upto(self, seq: int) -> int:
         """Delete every row with seq <= ``seq`` (the collector's cumulative ack)."""
         return self._delete("DELETE FROM outbox WHERE seq <= ?", [(int(seq),)], many=False)
 
-    def _delete(self, sql: str, rows: list[tuple[int]], *, many: bool) -> int:
+    def _delete(self, sql: str, rows: list[tuple[int, ...]], *, many: bool) -> int:
         with self._lock:
             conn = self._require()
             before = conn.total_changes

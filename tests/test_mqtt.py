@@ -71,12 +71,19 @@ def gate(tmp_path: Path) -> Iterator[Callable[..., tuple[Publisher, Outbox, Conf
         status: Callable[[], dict[str, Any]] | None = None,
         preload: int = 0,
         config: Config | None = None,
+        ack_timeout_s: float = 30.0,
     ) -> tuple[Publisher, Outbox, Config]:
         config = config or make_config(broker, tmp_path, delivery=delivery, protocol=protocol)
         outbox = Outbox(tmp_path / f"{config.device.id}.db", max_events=10_000)
         for _ in range(preload):
             outbox.append(event)
-        pub = Publisher(config, outbox, status=status or (lambda: {"version": "test"}), on_alarm=on_alarm)
+        pub = Publisher(
+            config,
+            outbox,
+            status=status or (lambda: {"version": "test"}),
+            on_alarm=on_alarm,
+            ack_timeout_s=ack_timeout_s,
+        )
         made.append((pub, outbox))
         pub.start()
         return pub, outbox, config
@@ -290,6 +297,24 @@ def test_collector_delivery_keeps_rows_until_ack(broker: LocalBroker, gate: Any,
     assert wait_until(lambda: outbox.depth() == 3, timeout=5), outbox.depth()
     assert [s for s, _ in outbox.pending()] == [5, 8, 10]
     sub.publish(ack, json.dumps({"schema": "gate-scanner/ack/1", "upto": 10, "ranges": []}))
+    assert pub.wait_drained(5)
+
+
+def test_collector_delivery_resends_unacked_rows_when_acks_stall(
+    broker: LocalBroker, gate: Any, subscribe: Any
+) -> None:
+    # A broker may PUBACK and then drop (a full per-client queue, a restart without
+    # persistence): without acks, the gate must send again on the same connection.
+    pub, outbox, config = gate(broker, delivery="collector", ack_timeout_s=1.0)
+    topic, ack = config.topic("checkin"), config.topic("ack")
+    sub = subscribe(topic, ack)
+    assert pub.wait_connected(5)
+    for _ in range(3):
+        outbox.append(event)
+    pub.wake()
+    assert sub.wait_for(lambda msgs: len(msgs) >= 6, timeout=15), seqs(sub, topic)
+    assert seqs(sub, topic)[:6] == [1, 2, 3, 1, 2, 3]
+    sub.publish(ack, json.dumps({"schema": "gate-scanner/ack/1", "upto": 3, "ranges": []}))
     assert pub.wait_drained(5)
 
 

@@ -1,0 +1,620 @@
+"""Operator commands on ``cmd/{name}``: verify, refuse or execute; reply on ``cmd/{name}/reply``.
+
+Commands that open the gate or change what it trusts (``open``, ``reload``, ``lists``) must
+arrive in a signed envelope::
+
+    {"schema": "gate-scanner/cmd/1", "name": "open", "device": "gate-01",
+     "ts": "2026-11-29T07:31:02.114Z", "nonce": "<32 hex>", "args": {}, "kid": "<8 hex>",
+     "sig": "<base64 Ed25519 signature>"}
+
+The signature covers ``CONTEXT`` followed by the UTF-8 JSON of the envelope without ``sig``,
+keys sorted, no spaces (:func:`canonical`). The context string keeps a command signature
+from ever being valid as a pass signature (and the other way round) even if an operator key
+were also a pass issuer key. A command is refused when it is retained, unsigned, signed by a
+key not in ``commands.operator_keys_file``, badly signed, for another device, older or newer
+than ``commands.max_age_s`` (or signed before this process started: the nonce cache is in
+memory, so that is what keeps a command captured before a restart from being replayed after
+it), or a nonce already seen. ``selftest`` is read-only and needs no signature.
+
+Threads: paho's callback only enqueues an :class:`Inbound`; the app drains that queue on
+the pipeline thread and calls :meth:`CommandHandler.handle`. Verification and ``open`` (one
+outbox commit, then the relay) run there; ``reload`` and ``lists`` touch the disk and run on
+a worker thread, so no frame waits for a file system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from scanner.config import Config
+from scanner.credentials.signed import KID_BYTES, TrustError, TrustStore
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "gate-scanner/cmd/1"
+REPLY_SCHEMA = "gate-scanner/cmd-reply/1"
+CONTEXT = b"gate-scanner/cmd/1\x00"
+SIGNED = frozenset({"open", "reload", "lists"})
+KNOWN = SIGNED | {"selftest"}
+# ``lists`` argument name → the [policy] key holding that list's path.
+LIST_KEYS = {
+    "allowlist": "allowlist_file",
+    "denylist": "denylist_file",
+    "revocation": "revocation_file",
+    "pass_trust": "pass_trust_file",
+    "dcc_trust": "dcc_trust_file",
+}
+NONCE_CACHE_MAX = 4096
+_NONCE = re.compile(r"[0-9a-f]{16,64}")
+_ENVELOPE_KEYS = {"schema", "name", "device", "ts", "nonce", "args", "kid", "sig"}
+_START_GRACE = timedelta(seconds=2)
+MAX_PAYLOAD = 4 * 1024 * 1024  # lists of a large site fit; anything bigger is refused unread
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One command message as it came off the wire (built in paho's callback, nothing parsed)."""
+
+    name: str
+    payload: bytes = field(repr=False)
+    retain: bool = False
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    name: str
+    device: str
+    ts: datetime
+    nonce: str
+    args: dict[str, Any]
+    kid: str | None
+
+
+class Refused(Exception):
+    """A command not executed; ``reason`` is the reply's reason code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# -- signing --------------------------------------------------------------------------------
+
+
+def canonical(envelope: dict[str, Any]) -> bytes:
+    """The signed bytes: CONTEXT + JSON of the envelope without ``sig``, sorted keys, no spaces."""
+    body = {k: v for k, v in envelope.items() if k != "sig"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return CONTEXT + text.encode("utf-8")
+
+
+def sign(
+    key: Ed25519PrivateKey,
+    kid: bytes,
+    *,
+    device: str,
+    name: str,
+    args: dict[str, Any] | None = None,
+    now: datetime | None = None,
+    nonce: str | None = None,
+) -> dict[str, Any]:
+    """A signed command envelope (what ``gate-scanner cmd sign`` prints)."""
+    moment = (now or datetime.now(UTC)).astimezone(UTC)
+    envelope: dict[str, Any] = {
+        "schema": SCHEMA,
+        "name": name,
+        "device": device,
+        "ts": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "nonce": nonce or secrets.token_hex(16),
+        "args": args or {},
+        "kid": kid.hex(),
+    }
+    envelope["sig"] = base64.b64encode(key.sign(canonical(envelope))).decode("ascii")
+    return envelope
+
+
+def load_operator_keys(path: Path | None) -> TrustStore | None:
+    """The operator key store (pass trust store format), or None when not configured."""
+    if path is None:
+        return None
+    return TrustStore.load(path)
+
+
+# -- replay protection ----------------------------------------------------------------------
+
+
+class NonceCache:
+    """Nonces of executed commands, each kept until its command would be stale anyway.
+
+    Bounded: when full of live nonces a new command is refused ("busy") rather than an old
+    nonce forgotten, because forgetting one would make its command replayable.
+    """
+
+    def __init__(self, max_entries: int = NONCE_CACHE_MAX) -> None:
+        self._max = max_entries
+        self._expiry: OrderedDict[str, float] = OrderedDict()  # nonce → wall time it may be forgotten
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def check_and_add(self, nonce: str, forget_at: float, now: float) -> str | None:
+        """None when fresh (and now remembered); else the refusal reason."""
+        for old in [n for n, t in self._expiry.items() if t <= now]:
+            del self._expiry[old]
+        if nonce in self._expiry:
+            return "replayed"
+        if len(self._expiry) >= self._max:
+            return "busy"
+        self._expiry[nonce] = forget_at
+        return None
+
+
+# -- verifying ------------------------------------------------------------------------------
+
+
+def parse_time(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise Refused("malformed", "ts must be an RFC 3339 string")
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise Refused("malformed", "ts is not an RFC 3339 time") from None
+    if moment.tzinfo is None:
+        raise Refused("malformed", "ts has no UTC offset")
+    return moment.astimezone(UTC)
+
+
+def load_document(inbound: Inbound) -> dict[str, Any]:
+    """The payload as a JSON object (an empty payload is an empty object)."""
+    if len(inbound.payload) > MAX_PAYLOAD:
+        raise Refused("malformed", f"payload over {MAX_PAYLOAD} bytes")
+    try:
+        document = json.loads(inbound.payload.decode("utf-8")) if inbound.payload.strip() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Refused("malformed", f"not UTF-8 JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise Refused("malformed", "expected a JSON object")
+    return document
+
+
+def parse(inbound: Inbound, document: dict[str, Any]) -> Envelope:
+    """Structure only (no keys, no clock): the typed view of an envelope."""
+    unknown = set(document) - _ENVELOPE_KEYS
+    if unknown:
+        raise Refused("malformed", f"unknown fields {sorted(unknown)}")
+    if document.get("schema") != SCHEMA:
+        raise Refused("malformed", f"schema must be {SCHEMA!r}")
+    if document.get("name") != inbound.name:
+        raise Refused("malformed", f"name {document.get('name')!r} is not the topic's {inbound.name!r}")
+    device = document.get("device")
+    if not isinstance(device, str):
+        raise Refused("malformed", "device must be a string")
+    nonce = document.get("nonce")
+    if not isinstance(nonce, str) or not _NONCE.fullmatch(nonce):
+        raise Refused("malformed", "nonce must be 16-64 lowercase hex digits")
+    args = document.get("args", {})
+    if not isinstance(args, dict):
+        raise Refused("malformed", "args must be an object")
+    kid = document.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise Refused("malformed", "kid must be a hex string")
+    return Envelope(inbound.name, device, parse_time(document.get("ts")), nonce, args, kid)
+
+
+class Verifier:
+    """Checks signature, device, age and nonce of signed commands. Pipeline thread only."""
+
+    def __init__(
+        self,
+        config: Config,
+        keys: TrustStore | None,
+        *,
+        started: datetime,
+        max_nonces: int = NONCE_CACHE_MAX,
+    ) -> None:
+        self._device = config.device.id
+        self._max_age = config.commands.max_age_s
+        # MQTT 3.1.1 clears the retain flag on live delivery, so a retained command published
+        # while we are connected would look like any other: signed commands need v5.
+        self._v5 = config.mqtt.protocol == "5"
+        self._keys = keys
+        self._started = started
+        self._nonces = NonceCache(max_nonces)
+
+    def set_keys(self, keys: TrustStore | None) -> None:
+        self._keys = keys
+
+    def verify(self, inbound: Inbound, now: datetime) -> Envelope:
+        if inbound.name not in KNOWN:
+            known = ", ".join(sorted(KNOWN))
+            raise Refused("unknown_command", f"no command {inbound.name!r}; known: {known}")
+        document = load_document(inbound)
+        if inbound.name not in SIGNED:
+            # Read-only: no signature needed, and an empty payload will do.
+            if not document:
+                return Envelope(inbound.name, "", now, "", {}, None)
+            return parse(inbound, document)
+        if "sig" not in document or "kid" not in document:
+            raise Refused("unsigned", f"{inbound.name} must be signed by an operator key")
+        envelope = parse(inbound, document)
+        if self._keys is None:
+            raise Refused("not_configured", "commands.operator_keys_file is not set: signed commands are off")
+        if not self._v5:
+            raise Refused("not_configured", 'signed commands need mqtt.protocol = "5" (3.1.1 hides retain)')
+        try:
+            kid = bytes.fromhex(envelope.kid or "")
+            signature = base64.b64decode(document["sig"], validate=True)
+        except (ValueError, TypeError, binascii.Error):
+            raise Refused("malformed", "kid must be hex and sig base64") from None
+        if len(kid) != KID_BYTES:
+            raise Refused("malformed", f"kid must be {KID_BYTES} bytes")
+        trusted = self._keys.key(kid)
+        if trusted is None:
+            raise Refused("unknown_key", f"kid {kid.hex()} is not an operator key of this gate")
+        try:
+            trusted.public_key.verify(signature, canonical(document))
+        except (InvalidSignature, ValueError):
+            raise Refused("bad_signature", f"signature does not verify under kid {kid.hex()}") from None
+        if envelope.device != self._device:
+            raise Refused("wrong_device", f"command is for {envelope.device!r}, this is {self._device!r}")
+        skew = (now - envelope.ts).total_seconds()
+        if abs(skew) > self._max_age:
+            raise Refused("stale", f"ts is {skew:+.0f} s from the gate's clock (limit {self._max_age:.0f} s)")
+        # The nonce cache does not survive a restart; a command signed before this process
+        # started (with 2 s for clock granularity and skew) could be a capture being replayed.
+        if envelope.ts < self._started - _START_GRACE:
+            raise Refused("stale", "signed before this gate started")
+        refusal = self._nonces.check_and_add(
+            envelope.nonce, envelope.ts.timestamp() + self._max_age + 1, now.timestamp()
+        )
+        if refusal == "replayed":
+            raise Refused("replayed", "nonce already used")
+        if refusal is not None:
+            raise Refused(refusal, "too many recent commands; try again later")
+        return envelope
+
+
+# -- lists ----------------------------------------------------------------------------------
+
+
+def write_lists(config: Config, args: dict[str, Any]) -> list[str]:
+    """Validate every list in ``args``, then replace each file atomically (temp, fsync, rename).
+
+    All are validated before any is replaced, so a bad deny list cannot leave a new allow list
+    next to an old deny list. Returns the names written. Raises Refused.
+    """
+    from scanner import lists
+    from scanner.credentials.dcc import DccTrustList
+
+    if not args:
+        raise Refused("malformed", f"args must name at least one of {', '.join(LIST_KEYS)}")
+    unknown = set(args) - set(LIST_KEYS)
+    if unknown:
+        raise Refused("malformed", f"unknown lists {sorted(unknown)}; known: {', '.join(LIST_KEYS)}")
+    staged: list[tuple[str, Path, Path]] = []
+    try:
+        for name, value in args.items():
+            path = getattr(config.policy, LIST_KEYS[name])
+            if path is None:
+                raise Refused("not_configured", f"policy.{LIST_KEYS[name]} is not set: no place for {name}")
+            if isinstance(value, dict) and name in ("pass_trust", "dcc_trust"):
+                value = json.dumps(value, indent=2) + "\n"
+            if not isinstance(value, str):
+                raise Refused("malformed", f"{name}: expected the file's text")
+            tmp = _write_temp(path, value.encode("utf-8"))
+            staged.append((name, tmp, path))
+            try:
+                if name == "pass_trust":
+                    TrustStore.load(tmp)
+                elif name == "dcc_trust":
+                    DccTrustList.load(tmp)
+                else:
+                    lists.read_text_list(name, tmp)
+            except Exception as exc:
+                raise Refused("malformed", f"{name}: {exc}") from None
+        for _name, tmp, path in staged:
+            os.replace(tmp, path)
+        for directory in {path.parent for _n, _t, path in staged}:
+            _fsync_dir(directory)
+    except OSError as exc:
+        raise Refused("failed", f"cannot write lists: {exc}") from None
+    finally:
+        for _name, tmp, _path in staged:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    return [name for name, _t, _p in staged]
+
+
+def _write_temp(target: Path, data: bytes) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".new", dir=target.parent)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is durable only once the directory entry is: power loss right after a reply
+    # of "ok" must not bring the old deny list back.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- executing ------------------------------------------------------------------------------
+
+
+def reply_body(
+    name: str, device: str, *, ok: bool, reason: str, detail: str = "", result: Any = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "schema": REPLY_SCHEMA,
+        "name": name,
+        "device": device,
+        "ok": ok,
+        "reason": reason,
+        "detail": detail,
+    }
+    if result is not None:
+        body["result"] = result
+    return body
+
+
+Publish = Callable[[str, bytes, bytes | None], None]  # (topic, payload, correlation data)
+
+
+class CommandHandler:
+    """Runs verified commands; every command gets exactly one reply (unless it was a retained delete).
+
+    ``open_gate(kid) -> (ok, detail)`` commits an event and pulses the relay (pipeline thread);
+    ``reload() -> (ok, detail)`` and the list writes run on a worker thread.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        verifier: Verifier,
+        *,
+        now: Callable[[], datetime],
+        publish: Publish,
+        open_gate: Callable[[str], tuple[bool, str]],
+        reload: Callable[[], tuple[bool, str]],
+        snapshot: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._config = config
+        self._verifier = verifier
+        self._now = now
+        self._publish = publish
+        self._open_gate = open_gate
+        self._reload = reload
+        self._snapshot = snapshot
+        self._disk_lock = threading.Lock()  # one reload or list write at a time
+        self.executed: list[str] = []  # names, for tests and logs
+
+    def handle(self, inbound: Inbound) -> None:
+        name = inbound.name
+        if inbound.retain:
+            if not inbound.payload:
+                return  # someone clearing a retained command: nothing to answer
+            log.warning("refused retained command %r: commands are never retained", name)
+            self._reply(inbound, ok=False, reason="retained", detail="a retained command is never executed")
+            return
+        try:
+            envelope = self._verifier.verify(inbound, self._now())
+        except Refused as refusal:
+            log.warning("refused command %r: %s (%s)", name, refusal.reason, refusal.detail)
+            self._reply(inbound, ok=False, reason=refusal.reason, detail=refusal.detail)
+            return
+        log.info("command %s (kid %s)", name, envelope.kid or "-")
+        if name == "open":
+            if envelope.args:
+                self._reply(inbound, ok=False, reason="malformed", detail="open takes no args")
+                return
+            ok, detail = self._open_gate(envelope.kid or "")
+            self._done(inbound, ok, "ok" if ok else "failed", detail)
+        elif name == "selftest":
+            self._done(inbound, True, "ok", "placeholder: a health snapshot", self._snapshot())
+        elif name == "reload":
+            self._in_worker(inbound, self._reload)
+        elif name == "lists":
+
+            def replace() -> tuple[bool, str]:
+                written = write_lists(self._config, envelope.args)
+                ok, detail = self._reload()
+                return ok, f"replaced {', '.join(written)}; {detail}"
+
+            self._in_worker(inbound, replace)
+
+    def _in_worker(self, inbound: Inbound, work: Callable[[], tuple[bool, str]]) -> None:
+        def run() -> None:
+            with self._disk_lock:
+                try:
+                    ok, detail = work()
+                except Refused as refusal:
+                    log.warning("command %s failed: %s (%s)", inbound.name, refusal.reason, refusal.detail)
+                    self._reply(inbound, ok=False, reason=refusal.reason, detail=refusal.detail)
+                    return
+                except Exception as exc:
+                    log.exception("command %s failed", inbound.name)
+                    self._reply(inbound, ok=False, reason="failed", detail=str(exc))
+                    return
+            self._done(inbound, ok, "ok" if ok else "failed", detail)
+
+        threading.Thread(target=run, name=f"cmd-{inbound.name}", daemon=True).start()
+
+    def _done(self, inbound: Inbound, ok: bool, reason: str, detail: str, result: Any = None) -> None:
+        if ok:
+            self.executed.append(inbound.name)
+        self._reply(inbound, ok=ok, reason=reason, detail=detail, result=result)
+
+    def _reply(self, inbound: Inbound, *, ok: bool, reason: str, detail: str, result: Any = None) -> None:
+        device = self._config.device.id
+        body = reply_body(inbound.name, device, ok=ok, reason=reason, detail=detail, result=result)
+        topic = self._config.topic(f"cmd/{inbound.name}/reply")
+        if inbound.response_topic and inbound.response_topic != topic:
+            # A sender must not steer the gate's publish onto another topic (its own checkin or
+            # status are writable for it, and the fleet ACL allows no other reply topic).
+            log.warning("command %s asked for replies on another topic; replying on %s", inbound.name, topic)
+        payload = json.dumps(body, separators=(",", ":"), sort_keys=True, default=str).encode("utf-8")
+        self._publish(topic, payload, inbound.correlation_data)
+
+
+# -- command line: gate-scanner cmd sign | send ---------------------------------------------
+
+
+def add_cmd_commands(subparsers: Any) -> None:
+    cmd = subparsers.add_parser("cmd", help="sign (and send) operator commands to a gate")
+    sub = cmd.add_subparsers(dest="cmd", required=True)
+    for verb, text in (
+        ("sign", "print a signed command envelope (JSON)"),
+        ("send", "sign, publish to the gate's cmd/NAME and print its reply"),
+    ):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("--key", required=verb == "sign", type=Path, help="operator private key (PEM)")
+        p.add_argument("--kid", help="key id (hex); default: from issuer.pub.json beside the key")
+        p.add_argument("--device", required=True, help="the gate's device id")
+        p.add_argument("--name", required=True, choices=sorted(KNOWN))
+        p.add_argument("--args", default="{}", help="JSON object of arguments")
+        if verb == "send":
+            p.add_argument("--config", required=True, type=Path, help="reads [mqtt] for the broker")
+            p.add_argument("--site", required=True, help="the gate's site (topic segment)")
+            p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+
+
+def run_cmd_command(args: argparse.Namespace) -> int:
+    try:
+        arguments = json.loads(args.args)
+        if not isinstance(arguments, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        print(f"--args: {exc}", file=sys.stderr)
+        return 2
+    envelope: dict[str, Any] | None = None
+    if args.key is not None:
+        try:
+            key, kid = _load_key(args.key, args.kid)
+        except (OSError, ValueError, TrustError) as exc:
+            print(f"--key: {exc}", file=sys.stderr)
+            return 2
+        envelope = sign(key, kid, device=args.device, name=args.name, args=arguments)
+    elif args.name in SIGNED:
+        print(f"--key: {args.name} must be signed", file=sys.stderr)
+        return 2
+    if args.cmd == "sign":
+        print(json.dumps(envelope, separators=(",", ":")))
+        return 0
+    return _send(args, envelope)
+
+
+def _load_key(path: Path, kid_hex: str | None) -> tuple[Ed25519PrivateKey, bytes]:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from scanner.credentials.signed import trusted_key_from_json
+    from scanner.passes import PUB_FILE, default_kid
+
+    key = load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    if kid_hex:
+        kid = bytes.fromhex(kid_hex)
+    elif (path.parent / PUB_FILE).exists():
+        entry = json.loads((path.parent / PUB_FILE).read_text(encoding="utf-8"))
+        kid = trusted_key_from_json(entry, where=str(path.parent / PUB_FILE)).kid
+    else:
+        kid = default_kid(key.public_key())
+    if len(kid) != KID_BYTES:
+        raise ValueError(f"kid must be {KID_BYTES} bytes")
+    return key, kid
+
+
+def _send(args: argparse.Namespace, envelope: dict[str, Any] | None) -> int:
+    import uuid
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from scanner.config import ConfigError, load
+
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    m = config.mqtt
+    root = f"{m.topic_prefix}/{args.site}/{args.device}"
+    reply_topic = f"{root}/cmd/{args.name}/reply"
+    correlation = secrets.token_bytes(8)
+    got: list[bytes] = []
+    done = threading.Event()
+    subscribed = threading.Event()
+    client_id = f"gate-scanner-cmd-{uuid.uuid4().hex[:8]}"
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if m.tls:
+        client.tls_set(
+            ca_certs=str(m.ca_file) if m.ca_file else None,
+            certfile=str(m.cert_file) if m.cert_file else None,
+            keyfile=str(m.key_file) if m.key_file else None,
+        )
+    if m.username is not None:
+        client.username_pw_set(m.username, config.mqtt_password)
+
+    def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if not rc.is_failure:
+            c.subscribe(reply_topic, qos=1)
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        if getattr(msg.properties, "CorrelationData", None) == correlation:
+            got.append(bytes(msg.payload))
+            done.set()
+
+    client.on_connect = on_connect
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.on_message = on_message
+    client.connect(m.host, m.port, m.keepalive_s)
+    client.loop_start()
+    try:
+        if not subscribed.wait(args.timeout):
+            print(f"cannot subscribe to {reply_topic} at {m.host}:{m.port}", file=sys.stderr)
+            return 1
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = reply_topic
+        props.CorrelationData = correlation
+        body = json.dumps(envelope, separators=(",", ":")) if envelope is not None else ""
+        client.publish(f"{root}/cmd/{args.name}", body, qos=1, retain=False, properties=props)
+        if not done.wait(args.timeout):
+            print(f"no reply on {reply_topic} within {args.timeout} s", file=sys.stderr)
+            return 1
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    print(got[0].decode("utf-8", "replace"))
+    return 0 if json.loads(got[0]).get("ok") else 1

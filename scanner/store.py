@@ -1,0 +1,377 @@
+"""The collector's store: every check-in from every gate, once, keyed by ``event_id``.
+
+Two backends behind one small class shape: SQLite for one site with no setup
+(``sqlite:PATH``: WAL, ``synchronous=FULL``, file 0600) and PostgreSQL when it grows
+(``postgresql://…`` via psycopg 3). One table; the raw JSON is kept next to the columns the
+collector and ``trace`` query on, so nothing a gate sent is ever lost to a column choice.
+
+``ts`` is the gate's scan time. SQLite keeps it as the gate's RFC 3339 text (fixed width,
+always ``Z``, so text order is time order); PostgreSQL as ``timestamptz``. Callers pass
+``datetime`` bounds and get ``str`` back from both.
+
+Not thread-safe: one thread (the collector's worker, or ``trace``) owns a store.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written; the message names the store, never a password."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    event_id: str
+    device: str
+    site: str
+    direction: str
+    seq: int
+    ts: str  # RFC 3339 UTC with milliseconds, as the gate sent it
+    subject: str | None
+    decision: str
+    reason: str
+    credential_type: str
+    raw: str  # the event's JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class Visit:
+    subject: str | None
+    site: str
+    device: str
+    direction: str
+    ts: str
+    decision: str
+    reason: str
+
+
+class Store(Protocol):
+    kind: str
+
+    def insert_batch(self, events: Sequence[StoredEvent]) -> int: ...
+    def islands(self) -> dict[tuple[str, str], list[tuple[int, int]]]: ...
+    def seqs_between(self, site: str, device: str, lo: int, hi: int) -> list[int]: ...
+    def islands_between(self, site: str, device: str, lo: int, hi: int) -> list[tuple[int, int]]: ...
+    def count(self) -> int: ...
+    def visits(self, subjects: Sequence[str], start: datetime, end: datetime) -> list[Visit]: ...
+    def at_site(self, site: str, start: datetime, end: datetime) -> list[Visit]: ...
+    def close(self) -> None: ...
+
+
+_COLUMNS = (
+    "event_id",
+    "device",
+    "site",
+    "direction",
+    "seq",
+    "ts",
+    "subject",
+    "decision",
+    "reason",
+    "credential_type",
+    "raw",
+)
+_VISIT = "subject, site, device, direction, ts, decision, reason"
+
+# Gaps and islands: consecutive seqs share (seq - row_number), so each group is one run.
+_ISLANDS = """
+SELECT site, device, MIN(seq), MAX(seq) FROM (
+    SELECT site, device, seq, seq - ROW_NUMBER() OVER (PARTITION BY site, device ORDER BY seq) AS grp
+    FROM checkins
+) runs GROUP BY site, device, grp ORDER BY site, device, MIN(seq)
+"""
+
+
+_ISLANDS_BETWEEN = """
+SELECT MIN(seq), MAX(seq) FROM (
+    SELECT seq, seq - ROW_NUMBER() OVER (ORDER BY seq) AS grp
+    FROM checkins WHERE site = ? AND device = ? AND seq BETWEEN ? AND ?
+) runs GROUP BY grp ORDER BY MIN(seq)
+"""
+
+
+def _utc_text(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def open_store(url: str) -> Store:
+    """``sqlite:PATH`` or ``postgresql://…`` (also ``postgres://``)."""
+    if url.startswith("sqlite:"):
+        path = url.removeprefix("sqlite:")
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise StoreError("sqlite: needs a path, e.g. sqlite:/var/lib/gate-scanner/collector.db")
+        return SqliteStore(Path(path))
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(url)
+    raise StoreError(f"unknown store {url.split(':', 1)[0]!r}: use sqlite:PATH or postgresql://…")
+
+
+def _redact(url: str) -> str:
+    """The URL without a password, for messages."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    userinfo, host = rest.rsplit("@", 1)
+    return f"{scheme}://{userinfo.split(':', 1)[0]}@{host}"
+
+
+class SqliteStore:
+    kind = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Contact-tracing data: 0600 from the first byte; -wal/-shm inherit the mode.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            # Opened by the caller, then used by the collector's worker: one owner at a time.
+            self._conn = sqlite3.connect(
+                str(path), timeout=10.0, isolation_level=None, check_same_thread=False
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS checkins (
+                    event_id TEXT PRIMARY KEY,
+                    device TEXT NOT NULL,
+                    site TEXT NOT NULL,
+                    direction TEXT NOT NULL,
+                    seq INTEGER NOT NULL,
+                    ts TEXT NOT NULL,
+                    subject TEXT,
+                    decision TEXT NOT NULL,
+                    reason TEXT NOT NULL,
+                    credential_type TEXT NOT NULL,
+                    raw TEXT NOT NULL,
+                    received TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+                ) WITHOUT ROWID;
+                CREATE INDEX IF NOT EXISTS checkins_device_seq ON checkins (site, device, seq);
+                CREATE INDEX IF NOT EXISTS checkins_subject_ts ON checkins (subject, ts);
+                CREATE INDEX IF NOT EXISTS checkins_site_ts ON checkins (site, ts);
+                """
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open sqlite:{path}: {exc}") from exc
+
+    def insert_batch(self, events: Sequence[StoredEvent]) -> int:
+        """Store the events in one transaction (one fsync); return how many were new."""
+        if not events:
+            return 0
+        conn = self._conn
+        sql = f"INSERT INTO checkins ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+        sql += "ON CONFLICT (event_id) DO NOTHING"
+        try:
+            before = conn.total_changes
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(sql, [_row(e) for e in events])
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"sqlite:{self.path}: insert failed: {exc}") from exc
+        return conn.total_changes - before
+
+    def islands(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
+        return _group_islands(self._query(_ISLANDS, ()))
+
+    def seqs_between(self, site: str, device: str, lo: int, hi: int) -> list[int]:
+        rows = self._query(
+            "SELECT seq FROM checkins WHERE site = ? AND device = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+            (site, device, lo, hi),
+        )
+        return [int(r[0]) for r in rows]
+
+    def islands_between(self, site: str, device: str, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The runs of consecutive stored seqs of one device within [lo, hi]."""
+        rows = self._query(_ISLANDS_BETWEEN, (site, device, lo, hi))
+        return [(int(a), int(b)) for a, b in rows]
+
+    def count(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM checkins", ())[0][0])
+
+    def visits(self, subjects: Sequence[str], start: datetime, end: datetime) -> list[Visit]:
+        if not subjects:
+            return []
+        marks = ", ".join("?" * len(subjects))
+        rows = self._query(
+            f"SELECT {_VISIT} FROM checkins WHERE subject IN ({marks}) AND ts BETWEEN ? AND ? ORDER BY ts",
+            (*subjects, _utc_text(start), _utc_text(end)),
+        )
+        return [Visit(*r) for r in rows]
+
+    def at_site(self, site: str, start: datetime, end: datetime) -> list[Visit]:
+        rows = self._query(
+            f"SELECT {_VISIT} FROM checkins WHERE site = ? AND ts BETWEEN ? AND ? ORDER BY ts",
+            (site, _utc_text(start), _utc_text(end)),
+        )
+        return [Visit(*r) for r in rows]
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        try:
+            return self._conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite:{self.path}: query failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class PostgresStore:
+    kind = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise StoreError(
+                "PostgreSQL store needs psycopg 3: pip install 'gate-scanner[postgres]'"
+            ) from exc
+        self._psycopg = psycopg
+        self._where = _redact(url)
+        try:
+            self._conn = psycopg.connect(url, autocommit=False, connect_timeout=10)
+            with self._conn.transaction():
+                # Two collectors starting at once would race on CREATE TABLE IF NOT EXISTS.
+                self._conn.execute("SELECT pg_advisory_xact_lock(74201)")
+                self._conn.execute(
+                    """
+                    CREATE TABLE IF NOT EXISTS checkins (
+                        event_id TEXT PRIMARY KEY,
+                        device TEXT NOT NULL,
+                        site TEXT NOT NULL,
+                        direction TEXT NOT NULL,
+                        seq BIGINT NOT NULL,
+                        ts TIMESTAMPTZ NOT NULL,
+                        subject TEXT,
+                        decision TEXT NOT NULL,
+                        reason TEXT NOT NULL,
+                        credential_type TEXT NOT NULL,
+                        raw JSONB NOT NULL,
+                        received TIMESTAMPTZ NOT NULL DEFAULT now()
+                    )
+                    """
+                )
+                for name, cols in (
+                    ("checkins_device_seq", "site, device, seq"),
+                    ("checkins_subject_ts", "subject, ts"),
+                    ("checkins_site_ts", "site, ts"),
+                ):
+                    self._conn.execute(f"CREATE INDEX IF NOT EXISTS {name} ON checkins ({cols})")
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot open {self._where}: {exc}") from exc
+
+    def insert_batch(self, events: Sequence[StoredEvent]) -> int:
+        """One INSERT … SELECT FROM unnest(arrays): one round trip and one commit per batch."""
+        if not events:
+            return 0
+        cols = list(zip(*(_row(e) for e in events), strict=True))
+        types = (
+            "text",
+            "text",
+            "text",
+            "text",
+            "bigint",
+            "timestamptz",
+            "text",
+            "text",
+            "text",
+            "text",
+            "jsonb",
+        )
+        arrays = ", ".join(f"%s::{t}[]" for t in types)
+        sql = (
+            f"INSERT INTO checkins ({', '.join(_COLUMNS)}) SELECT * FROM unnest({arrays}) "
+            "ON CONFLICT (event_id) DO NOTHING"
+        )
+        try:
+            with self._conn.transaction(), self._conn.cursor() as cur:
+                cur.execute(sql, [list(c) for c in cols])
+                inserted = cur.rowcount
+        except self._psycopg.Error as exc:
+            raise StoreError(f"{self._where}: insert failed: {exc}") from exc
+        return max(inserted, 0)
+
+    def islands(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
+        return _group_islands(self._query(_ISLANDS, ()))
+
+    def seqs_between(self, site: str, device: str, lo: int, hi: int) -> list[int]:
+        rows = self._query(
+            "SELECT seq FROM checkins WHERE site = %s AND device = %s AND seq BETWEEN %s AND %s ORDER BY seq",
+            (site, device, lo, hi),
+        )
+        return [int(r[0]) for r in rows]
+
+    def islands_between(self, site: str, device: str, lo: int, hi: int) -> list[tuple[int, int]]:
+        rows = self._query(_ISLANDS_BETWEEN.replace("?", "%s"), (site, device, lo, hi))
+        return [(int(a), int(b)) for a, b in rows]
+
+    def count(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM checkins", ())[0][0])
+
+    def visits(self, subjects: Sequence[str], start: datetime, end: datetime) -> list[Visit]:
+        if not subjects:
+            return []
+        rows = self._query(
+            f"SELECT {_VISIT} FROM checkins WHERE subject = ANY(%s) AND ts BETWEEN %s AND %s ORDER BY ts",
+            (list(subjects), start, end),
+        )
+        return [_pg_visit(r) for r in rows]
+
+    def at_site(self, site: str, start: datetime, end: datetime) -> list[Visit]:
+        rows = self._query(
+            f"SELECT {_VISIT} FROM checkins WHERE site = %s AND ts BETWEEN %s AND %s ORDER BY ts",
+            (site, start, end),
+        )
+        return [_pg_visit(r) for r in rows]
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        try:
+            with self._conn.transaction():
+                return self._conn.execute(sql, params).fetchall()
+        except self._psycopg.Error as exc:
+            raise StoreError(f"{self._where}: query failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _row(e: StoredEvent) -> tuple[Any, ...]:
+    return (
+        e.event_id,
+        e.device,
+        e.site,
+        e.direction,
+        e.seq,
+        e.ts,
+        e.subject,
+        e.decision,
+        e.reason,
+        e.credential_type,
+        e.raw,
+    )
+
+
+def _pg_visit(row: tuple[Any, ...]) -> Visit:
+    subject, site, device, direction, ts, decision, reason = row
+    return Visit(subject, site, device, direction, _utc_text(ts), decision, reason)
+
+
+def _group_islands(rows: Iterable[tuple[Any, ...]]) -> dict[tuple[str, str], list[tuple[int, int]]]:
+    out: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for site, device, lo, hi in rows:
+        out.setdefault((site, device), []).append((int(lo), int(hi)))
+    return out

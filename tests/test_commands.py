@@ -1,0 +1,490 @@
+"""Operator commands: signed envelopes, every refusal, and execution on a real gate over a real broker."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from gpiozero.pins.mock import MockFactory
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from scanner import cli, commands, events, telemetry
+from scanner import config as config_mod
+from scanner.app import App
+from scanner.commands import Inbound, Refused, Verifier
+from scanner.credentials.signed import TrustedKey, TrustStore
+from scanner.localbroker import LocalBroker
+from scanner.models import Frame, Reason
+from scanner.outbox import Outbox
+from scanner.passes import default_kid
+from scanner.signals import Signals
+from tests.conftest import unique_name
+from tests.mqtt_helpers import Subscriber, wait_until
+from tests.test_app import CODE_FRAME, OrderCheckingSignals, make_gate
+
+REPLY_SCHEMA = json.loads(telemetry.schema_path("cmd-reply").read_text())
+HEALTH_SCHEMA = json.loads(telemetry.schema_path("health").read_text())
+CHECKIN_SCHEMA = json.loads(events.schema_path().read_text())
+BLANK = np.full(CODE_FRAME.shape, 128, dtype=np.uint8)
+
+OPERATOR = Ed25519PrivateKey.generate()
+OPERATOR_KID = default_kid(OPERATOR.public_key())
+STRANGER = Ed25519PrivateKey.generate()
+STRANGER_KID = default_kid(STRANGER.public_key())
+
+
+def write_operator_keys(path: Path) -> Path:
+    store = TrustStore.of(
+        [TrustedKey(OPERATOR_KID, OPERATOR.public_key(), "control room")], version=1, issued=datetime.now(UTC)
+    )
+    path.write_text(json.dumps(store.to_json()))
+    return path
+
+
+def signed(name: str, device: str, *, key=OPERATOR, kid=OPERATOR_KID, **kw: Any) -> dict[str, Any]:
+    return commands.sign(key, kid, device=device, name=name, **kw)
+
+
+# -- verifier: pure, injected clock -----------------------------------------------------------
+
+NOW = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
+
+
+def unit_config(tmp_path: Path, keys: bool = True) -> config_mod.Config:
+    table: dict[str, Any] = {"device": {"id": "gate-u", "site": "site-u"}, "storage": {"dir": str(tmp_path)}}
+    if keys:
+        table["commands"] = {"operator_keys_file": str(write_operator_keys(tmp_path / "ops.json"))}
+    return config_mod.from_table(table)
+
+
+def verifier(cfg: config_mod.Config) -> Verifier:
+    return Verifier(cfg, commands.load_operator_keys(cfg.commands.operator_keys_file), started=NOW)
+
+
+def inbound(envelope: dict[str, Any] | bytes, name: str | None = None) -> Inbound:
+    payload = envelope if isinstance(envelope, bytes) else json.dumps(envelope).encode()
+    return Inbound(name or (envelope["name"] if isinstance(envelope, dict) else "open"), payload)
+
+
+def test_a_signed_command_verifies_once_then_is_replayed(tmp_path):
+    v = verifier(unit_config(tmp_path))
+    env = signed("open", "gate-u", now=NOW)
+    assert v.verify(inbound(env), NOW + timedelta(seconds=1)).kid == OPERATOR_KID.hex()
+    with pytest.raises(Refused) as refusal:
+        v.verify(inbound(env), NOW + timedelta(seconds=2))
+    assert refusal.value.reason == "replayed"
+
+
+def _tampered(env: dict[str, Any]) -> dict[str, Any]:
+    return {**env, "nonce": "00" * 16}
+
+
+@pytest.mark.parametrize(
+    ("make", "name", "reason"),
+    [
+        (lambda: signed("open", "gate-u", now=NOW - timedelta(seconds=61)), None, "stale"),
+        (lambda: signed("open", "gate-u", now=NOW + timedelta(seconds=61)), None, "stale"),
+        (
+            lambda: {k: v for k, v in signed("open", "gate-u", now=NOW).items() if k not in ("sig", "kid")},
+            None,
+            "unsigned",
+        ),
+        (lambda: signed("open", "gate-u", now=NOW, key=STRANGER, kid=STRANGER_KID), None, "unknown_key"),
+        (lambda: _tampered(signed("open", "gate-u", now=NOW)), None, "bad_signature"),
+        (lambda: signed("open", "gate-other", now=NOW), None, "wrong_device"),
+        (lambda: signed("open", "gate-u", now=NOW), "lists", "malformed"),  # name is not the topic's
+        (lambda: b"not json", "open", "malformed"),
+        (lambda: b"", "open", "unsigned"),
+        (lambda: signed("open", "gate-u", now=NOW), "explode", "unknown_command"),
+    ],
+)
+def test_every_refusal_has_its_reason(tmp_path, make, name, reason):
+    v = verifier(unit_config(tmp_path))
+    with pytest.raises(Refused) as refusal:
+        v.verify(inbound(make(), name), NOW)
+    assert refusal.value.reason == reason
+
+
+def test_signed_commands_are_refused_when_no_operator_keys_are_configured(tmp_path):
+    v = verifier(unit_config(tmp_path, keys=False))
+    with pytest.raises(Refused) as refusal:
+        v.verify(inbound(signed("open", "gate-u", now=NOW)), NOW)
+    assert refusal.value.reason == "not_configured"
+    # selftest is read-only: no signature, no keys needed.
+    assert v.verify(Inbound("selftest", b""), NOW).name == "selftest"
+
+
+def test_signed_commands_need_mqtt_v5_where_a_retained_command_is_visible(tmp_path):
+    ops = write_operator_keys(tmp_path / "ops.json")
+    cfg = config_mod.from_table(
+        {
+            "device": {"id": "gate-u", "site": "site-u"},
+            "mqtt": {"protocol": "3.1.1"},
+            "commands": {"operator_keys_file": str(ops)},
+        }
+    )
+    with pytest.raises(Refused) as refusal:
+        verifier(cfg).verify(inbound(signed("open", "gate-u", now=NOW)), NOW)
+    assert refusal.value.reason == "not_configured"
+
+
+def test_a_command_signed_before_the_gate_started_is_stale(tmp_path):
+    v = verifier(unit_config(tmp_path))
+    with pytest.raises(Refused) as refusal:
+        v.verify(inbound(signed("open", "gate-u", now=NOW - timedelta(seconds=10))), NOW)
+    assert refusal.value.reason == "stale"
+
+
+def test_the_nonce_cache_is_bounded_and_forgets_only_what_is_stale():
+    cache = commands.NonceCache(max_entries=2)
+    assert cache.check_and_add("a", forget_at=100, now=0) is None
+    assert cache.check_and_add("b", forget_at=100, now=0) is None
+    assert cache.check_and_add("c", forget_at=100, now=0) == "busy"  # never forgets a live nonce
+    assert cache.check_and_add("a", forget_at=100, now=50) == "replayed"
+    assert cache.check_and_add("c", forget_at=300, now=100) is None  # a and b expired
+    assert len(cache) == 1
+
+
+def test_cli_sign_prints_an_envelope_the_gate_accepts(tmp_path, capsys):
+    key_dir = tmp_path / "keys"
+    assert cli.main(["pass", "keygen", "--out", str(key_dir), "--name", "ops"]) == 0
+    kid = bytes.fromhex(capsys.readouterr().out.strip())
+    entry = json.loads((key_dir / "issuer.pub.json").read_text())
+    (tmp_path / "ops.json").write_text(
+        json.dumps({"version": 1, "issued": "2026-11-29T00:00:00Z", "keys": [entry]})
+    )
+    cfg = config_mod.from_table(
+        {
+            "device": {"id": "gate-u", "site": "site-u"},
+            "storage": {"dir": str(tmp_path)},
+            "commands": {"operator_keys_file": str(tmp_path / "ops.json")},
+        }
+    )
+    args = ["cmd", "sign", "--key", str(key_dir / "issuer.key"), "--device", "gate-u", "--name", "reload"]
+    assert cli.main(args) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert env["kid"] == kid.hex() and env["schema"] == commands.SCHEMA
+    now = datetime.now(UTC)
+    v = Verifier(
+        cfg, commands.load_operator_keys(cfg.commands.operator_keys_file), started=now - timedelta(60)
+    )
+    assert v.verify(inbound(env), now).name == "reload"
+
+
+# -- lists: validated, then replaced atomically -----------------------------------------------
+
+
+def test_write_lists_validates_everything_before_replacing_anything(tmp_path):
+    allow, deny = tmp_path / "allow.txt", tmp_path / "deny.txt"
+    allow.write_text("OLD-A\n")
+    deny.write_text("OLD-D\n")
+    cfg = config_mod.from_table(
+        {
+            "device": {"id": "gate-u", "site": "site-u"},
+            "policy": {"allowlist_file": str(allow), "denylist_file": str(deny)},
+        }
+    )
+    with pytest.raises(Refused) as refusal:
+        commands.write_lists(cfg, {"allowlist": "NEW-A\n", "denylist": "# issued: not a time\n"})
+    assert refusal.value.reason == "malformed"
+    assert allow.read_text() == "OLD-A\n" and deny.read_text() == "OLD-D\n"
+    with pytest.raises(Refused) as refusal:
+        commands.write_lists(cfg, {"revocation": "X\n"})
+    assert refusal.value.reason == "not_configured"
+    assert commands.write_lists(cfg, {"allowlist": "NEW-A\n", "denylist": "NEW-D\n"}) == [
+        "allowlist",
+        "denylist",
+    ]
+    assert allow.read_text() == "NEW-A\n" and deny.read_text() == "NEW-D\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["allow.txt", "deny.txt"]  # no temp files left
+
+
+# -- the gate: open is recorded before the relay moves ----------------------------------------
+
+
+def test_remote_open_commits_the_event_before_the_relay_moves(tmp_path):
+    cfg = unit_config(tmp_path)
+    outbox = Outbox(tmp_path / "outbox.db", 100)
+    factory = MockFactory()
+    try:
+        with OrderCheckingSignals(cfg.gpio, pin_factory=factory, outbox=outbox) as signals:
+            gate = make_gate(cfg, signals, outbox)
+            ok, _detail = gate.remote_open(OPERATOR_KID.hex())
+            assert ok and signals.depth_at_accept == [1]
+            ((_seq, payload),) = outbox.pending()
+            event = json.loads(payload)
+            jsonschema.validate(event, CHECKIN_SCHEMA)
+            assert event["decision"] == "accepted" and event["reason"] == "ok"
+            assert event["credential"] == {"type": "operator", "issuer": OPERATOR_KID.hex()}
+    finally:
+        outbox.close()
+        factory.close()
+
+
+def test_remote_open_with_a_full_outbox_keeps_the_gate_shut(tmp_path):
+    cfg = unit_config(tmp_path)
+    outbox = Outbox(tmp_path / "outbox.db", 10)
+    for _ in range(10):
+        outbox.append(lambda seq, created: b"{}")
+    factory = MockFactory()
+    try:
+        with Signals(cfg.gpio, pin_factory=factory) as signals:
+            gate = make_gate(cfg, signals, outbox)
+            ok, _detail = gate.remote_open(OPERATOR_KID.hex())
+            assert not ok and signals.faulty
+        assert [s.state for s in factory.pin(cfg.gpio.relay_pin).states].count(True) == 0
+    finally:
+        outbox.close()
+        factory.close()
+
+
+# -- over a real broker ------------------------------------------------------------------------
+
+
+class HeldSource:
+    """A camera showing whatever ``image`` is set to, ~50 fps, until closed."""
+
+    finite = False
+
+    def __init__(self, image: np.ndarray = BLANK) -> None:
+        self.image = image
+        self._seq = 0
+
+    def open(self) -> None:
+        pass
+
+    def read(self, timeout: float) -> Frame:
+        time.sleep(0.02)
+        self._seq += 1
+        return Frame(self.image, self._seq, time.monotonic())
+
+    def close(self) -> None:
+        pass
+
+
+def gate_config(broker: LocalBroker, tmp_path: Path, **sections: dict[str, Any]) -> config_mod.Config:
+    table: dict[str, Any] = {
+        "device": {"id": unique_name("gate"), "site": unique_name("site")},
+        "camera": {
+            "source": "dir:unused",
+            "fps": 50.0,
+            "capture_timeout_s": 0.5,
+            "black_frames": 0,
+            "frozen_frames": 0,
+        },
+        "decoder": {"engines": ["zxing"], "isolate": False},
+        "gpio": {"pin_factory": "mock", "relay_pulse_s": 0.2},
+        "mqtt": {"host": broker.host, "port": broker.port, "keepalive_s": 5},
+        "storage": {"dir": str(tmp_path / "state")},
+        "daemon": {"drain_timeout_s": 0.5},
+        "commands": {"operator_keys_file": str(write_operator_keys(tmp_path / "ops.json"))},
+    }
+    for name, values in sections.items():
+        table.setdefault(name, {}).update(values)
+    return config_mod.from_table(table)
+
+
+@contextlib.contextmanager
+def running(cfg: config_mod.Config, factory: MockFactory, source: HeldSource) -> Iterator[App]:
+    app = App(cfg, pin_factory=factory, source=source)
+    stop = threading.Event()
+    thread = threading.Thread(target=app.run, args=(stop,), name="test-app", daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: app._publisher is not None, 10)
+        assert app._publisher.wait_subscribed(10)
+        yield app
+    finally:
+        stop.set()
+        thread.join(20)
+    assert not thread.is_alive()
+
+
+def send(
+    sub: Subscriber,
+    topic: str,
+    payload: dict[str, Any] | bytes,
+    *,
+    retain: bool = False,
+    response_topic: str | None = None,
+) -> bytes:
+    """Publish a command with fresh correlation data; returns it."""
+    correlation = uuid.uuid4().bytes
+    props = Properties(PacketTypes.PUBLISH)
+    props.CorrelationData = correlation
+    if response_topic is not None:
+        props.ResponseTopic = response_topic
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    info = sub.client.publish(topic, body, qos=1, retain=retain, properties=props)
+    info.wait_for_publish(5)
+    assert info.is_published()
+    return correlation
+
+
+def reply_to(sub: Subscriber, correlation: bytes, timeout: float = 10.0) -> tuple[str, dict[str, Any]]:
+    def match(msgs: list[Any]) -> Any:
+        return next((m for m in msgs if getattr(m.properties, "CorrelationData", None) == correlation), None)
+
+    assert sub.wait_for(lambda msgs: match(msgs) is not None, timeout), "no reply"
+    msg = match(sub.messages)
+    body = json.loads(msg.payload)
+    jsonschema.validate(body, REPLY_SCHEMA)
+    assert not msg.retain
+    return msg.topic, body
+
+
+def relay_history(factory: MockFactory, cfg: config_mod.Config) -> list[bool]:
+    return [s.state for s in factory.pin(cfg.gpio.relay_pin).states]
+
+
+def test_signed_open_records_one_event_pulses_once_and_replies_with_the_correlation_data(
+    broker, tmp_path, subscribe
+):
+    cfg = gate_config(broker, tmp_path)
+    factory = MockFactory()
+    # A sender may name a response topic, but the gate only ever replies on its own reply
+    # topic: otherwise a command could make it publish onto its checkin or status topics.
+    response_topic = f"operators/{uuid.uuid4().hex}/replies"
+    sub = subscribe(cfg.topic("checkin"), cfg.topic("cmd/+/reply"), response_topic)
+    try:
+        with running(cfg, factory, HeldSource()) as app:
+            correlation = send(
+                sub, cfg.topic("cmd/open"), signed("open", cfg.device.id), response_topic=response_topic
+            )
+            topic, body = reply_to(sub, correlation)
+            assert topic == cfg.topic("cmd/open/reply")
+            assert not sub.payloads(response_topic)
+            assert body["ok"] and body["reason"] == "ok" and body["name"] == "open"
+            assert sub.wait_for(lambda msgs: any(m.topic == cfg.topic("checkin") for m in msgs))
+            (event,) = [json.loads(p) for p in sub.payloads(cfg.topic("checkin"))]
+            jsonschema.validate(event, CHECKIN_SCHEMA)
+            assert event["credential"]["type"] == "operator"
+            assert wait_until(
+                lambda: relay_history(factory, cfg)[-1] is False and True in relay_history(factory, cfg), 5
+            )
+            assert app.gate is not None and app.gate.reasons == {Reason.OK: 1}
+        history = relay_history(factory, cfg)
+        assert history[0] is False and history[-1] is False and history.count(True) == 1
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def refusing_gate(
+    broker, tmp_path_factory
+) -> Iterator[tuple[App, config_mod.Config, MockFactory, Subscriber]]:
+    """One running gate for every refusal case: nothing sent to it may ever open it."""
+    tmp_path = tmp_path_factory.mktemp("refusals")
+    cfg = gate_config(broker, tmp_path)
+    factory = MockFactory()
+    sub = Subscriber(broker, cfg.topic("checkin"), cfg.topic("cmd/+/reply"))
+    try:
+        with running(cfg, factory, HeldSource()) as app:
+            yield app, cfg, factory, sub
+    finally:
+        sub.close()
+        factory.close()
+
+
+REFUSALS = {
+    "stale": lambda dev: signed("open", dev, now=datetime.now(UTC) - timedelta(seconds=120)),
+    "unsigned": lambda dev: {k: v for k, v in signed("open", dev).items() if k not in ("sig", "kid")},
+    "unknown_key": lambda dev: signed("open", dev, key=STRANGER, kid=STRANGER_KID),
+    "bad_signature": lambda dev: _tampered(signed("open", dev)),
+    "wrong_device": lambda dev: signed("open", "gate-somewhere-else"),
+    "malformed": lambda dev: b"{not json",
+}
+
+
+@pytest.mark.parametrize("reason", [*REFUSALS, "retained", "unknown_command"])
+def test_refused_commands_never_move_the_relay_nor_record_an_event(refusing_gate, reason):
+    app, cfg, factory, sub = refusing_gate
+    if reason == "retained":
+        topic = cfg.topic("cmd/open")
+        correlation = send(sub, topic, signed("open", cfg.device.id), retain=True)
+    elif reason == "unknown_command":
+        topic = cfg.topic("cmd/explode")
+        correlation = send(sub, topic, signed("explode", cfg.device.id))
+    else:
+        topic = cfg.topic("cmd/open")
+        correlation = send(sub, topic, REFUSALS[reason](cfg.device.id))
+    try:
+        reply_topic, body = reply_to(sub, correlation)
+    finally:
+        if reason == "retained":  # clear it; the gate ignores the (empty, retained) deletion
+            sub.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+    assert reply_topic == f"{topic}/reply"
+    assert not body["ok"] and body["reason"] == reason, body
+    assert relay_history(factory, cfg).count(True) == 0
+    assert sub.payloads(cfg.topic("checkin")) == []
+    assert app.gate is not None and sum(app.gate.reasons.values()) == 0
+
+
+def test_a_replayed_reload_is_refused(refusing_gate):
+    _app, cfg, _factory, sub = refusing_gate
+    envelope = signed("reload", cfg.device.id)
+    _topic, first = reply_to(sub, send(sub, cfg.topic("cmd/reload"), envelope))
+    assert first["ok"], first
+    _topic, second = reply_to(sub, send(sub, cfg.topic("cmd/reload"), envelope))
+    assert not second["ok"] and second["reason"] == "replayed"
+
+
+def test_selftest_needs_no_signature_and_replies_with_a_health_snapshot(refusing_gate):
+    _app, cfg, _factory, sub = refusing_gate
+    _topic, body = reply_to(sub, send(sub, cfg.topic("cmd/selftest"), b""))
+    assert body["ok"] and body["reason"] == "ok"
+    jsonschema.validate(body["result"], HEALTH_SCHEMA)
+
+
+def test_lists_replaces_the_deny_list_and_the_next_scan_is_denylisted(broker, tmp_path, subscribe):
+    deny = tmp_path / "deny.txt"
+    deny.write_text("# version: 1\n")
+    cfg = gate_config(broker, tmp_path, policy={"denylist_file": str(deny), "anti_passback_s": 0.0})
+    factory = MockFactory()
+    source = HeldSource()
+    sub = subscribe(cfg.topic("checkin"), cfg.topic("cmd/+/reply"), cfg.topic("status"))
+    try:
+        with running(cfg, factory, source) as app:
+            new_list = "# version: 2\n# issued: 2026-11-29T06:00:00Z\nEMP-0001\n"
+            envelope = signed("lists", cfg.device.id, args={"denylist": new_list})
+            _topic, body = reply_to(sub, send(sub, cfg.topic("cmd/lists"), envelope))
+            assert body["ok"], body
+            assert deny.read_text() == new_list
+            assert app.status()["lists"]["denylist"]["version"] == "2"
+            source.image = CODE_FRAME
+            assert sub.wait_for(lambda msgs: any(m.topic == cfg.topic("checkin") for m in msgs))
+            event = json.loads(sub.payloads(cfg.topic("checkin"))[0])
+            assert event["decision"] == "rejected" and event["reason"] == "denylisted"
+            # A list name without a configured path refuses the whole command.
+            envelope = signed("lists", cfg.device.id, args={"allowlist": "EMP-0001\n"})
+            _topic, body = reply_to(sub, send(sub, cfg.topic("cmd/lists"), envelope))
+            assert not body["ok"] and body["reason"] == "not_configured"
+        assert relay_history(factory, cfg).count(True) == 0
+    finally:
+        factory.close()
+
+
+def test_cli_send_publishes_and_prints_the_reply(refusing_gate, tmp_path, capsys):
+    _app, cfg, _factory, _sub = refusing_gate
+    config = tmp_path / "operator.toml"
+    config.write_text(
+        '[device]\nid = "operator"\nsite = "control"\n'
+        f'[mqtt]\nhost = "{cfg.mqtt.host}"\nport = {cfg.mqtt.port}\n'
+    )
+    argv = ["cmd", "send", "--config", str(config), "--site", cfg.device.site, "--device", cfg.device.id]
+    assert cli.main([*argv, "--name", "selftest", "--timeout", "10"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    jsonschema.validate(reply, REPLY_SCHEMA)
+    assert reply["ok"] and reply["name"] == "selftest"
