@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import numpy as np
+
 from scanner import __version__, commands, credentials, events, health, lists, policy, telemetry
 from scanner.camera import FrameSource, open_source
 from scanner.camera.slot import LatestFrameSlot
@@ -400,6 +402,13 @@ class App:
                 # Check-ins are personal data: the state directory is readable by the daemon alone.
                 config.storage.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 outbox = Outbox(config.storage.dir / "outbox.db", config.storage.outbox_max_events)
+                if outbox.quarantined is not None:
+                    # The gate runs on a fresh outbox; the lost events show as a seq gap at the collector.
+                    self.alarms.raise_(
+                        "outbox_quarantined",
+                        f"the outbox was corrupt and moved to {outbox.quarantined.name}; "
+                        "its unsent check-ins are lost (a seq gap at the collector)",
+                    )
                 try:
                     return self._run_with(signals, outbox, stop)
                 finally:
@@ -453,6 +462,9 @@ class App:
             snapshot=lambda: self.health(remember=False),
         )
         self._check_outbox_fill()  # a gate restarting with a full outbox says so at once
+        # Start the decoder (its worker process, when isolated) before the first frame: on a
+        # slow board that takes seconds, and the first person at the gate must not wait for it.
+        decoder.decode(np.zeros((config.camera.height, config.camera.width), np.uint8))
         source = self._source or open_source(config.camera)
         slot = LatestFrameSlot()
         capture_stop = threading.Event()
