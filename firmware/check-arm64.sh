@@ -70,4 +70,10 @@ chroot "$root" /bin/sh -ec '
   cd /tmp
   /opt/gate-scanner/.venv/bin/gate-scanner demo
 '
+say "running the self-test inside arm64 (replayed card frames, mock pins, private mosquitto)"
+chroot "$root" /bin/sh -ec '
+  cd /tmp
+  printf "[device]\nid = \"arm64-gate\"\nsite = \"proof\"\n[storage]\ndir = \"/tmp/selftest-state\"\n" >/tmp/selftest.toml
+  /opt/gate-scanner/.venv/bin/gate-scanner selftest --simulate --config /tmp/selftest.toml
+'
 say "arm64 proof passed"

@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     add_pki_commands(sub)
     add_monitor_command(sub)
 
+    from scanner.provision import add_provision_command
+    from scanner.selftest import add_selftest_command
+
+    add_selftest_command(sub)
+    add_provision_command(sub)
+
     bench = sub.add_parser("bench", help="print benchmark figures as JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     pipeline = bench_sub.add_parser("pipeline", help="decode, frame-to-relay latency, outbox, RSS, READY")
@@ -120,6 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         from scanner.pki import run_pki_command
 
         return run_pki_command(args)
+    if command == "selftest":
+        from scanner.selftest import run_selftest_command
+
+        _setup_logging("warning")
+        return run_selftest_command(args)
+    if command == "provision":
+        from scanner.provision import run_provision_command
+
+        return run_provision_command(args)
     if command == "monitor":
         from scanner.monitor import run_monitor_command
 

@@ -1,0 +1,164 @@
+"""`gate-scanner selftest`: simulated run passes; a dead broker and a blank camera FAIL with advice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from scanner import selftest, synth
+from scanner.cli import main
+from scanner.localbroker import free_port
+
+STATUSES = ("PASS", "WARN", "FAIL")
+
+
+def check_lines(text: str) -> dict[str, str]:
+    """name → status of every check line."""
+    out = {}
+    for line in text.splitlines():
+        status, _, rest = line.partition("  ")
+        if status in STATUSES:
+            out[rest.split("  ", 1)[0]] = status
+    return out
+
+
+def write_config(tmp: Path, *, source: str = "picamera2", port: int | None = None, extra: str = "") -> Path:
+    config = tmp / "gate.toml"
+    config.write_text(
+        f"""[device]
+id = "gate-1"
+site = "market"
+[camera]
+source = "{source}"
+fps = 10.0
+[gpio]
+pin_factory = "mock"
+[mqtt]
+host = "127.0.0.1"
+port = {port or free_port()}
+[storage]
+dir = "{tmp / "state"}"
+{extra}"""
+    )
+    return config
+
+
+def test_simulate_passes_or_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["selftest", "--config", str(write_config(tmp_path)), "--simulate"])
+    out = capsys.readouterr().out
+    checks = check_lines(out)
+    assert code == 0, out
+    assert set(checks) >= {
+        "camera",
+        "decode",
+        "signals",
+        "broker",
+        "clock",
+        "disk",
+        "outbox",
+        "temperature",
+        "power",
+    }
+    assert all(s in ("PASS", "WARN") for s in checks.values()), out
+    assert checks["decode"] == "PASS" and checks["broker"] == "PASS" and checks["signals"] == "PASS"
+
+
+def blank_frames(tmp: Path, n: int = 12) -> Path:
+    rng = np.random.default_rng(3)
+    frames = tmp / "frames"
+    frames.mkdir()
+    for i in range(n):
+        cv2.imwrite(str(frames / f"{i:05d}.png"), synth.render_background(rng, (640, 480)))
+    return frames
+
+
+def test_broker_down_and_blank_camera_fail_with_advice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, source=f"dir:{blank_frames(tmp_path)}")
+    code = main(["selftest", "--config", str(config)])
+    out = capsys.readouterr().out
+    checks = check_lines(out)
+    assert code == 1, out
+    assert checks["camera"] in ("PASS", "WARN")
+    assert checks["decode"] == "FAIL" and checks["broker"] == "FAIL", out
+    broker_line = next(line for line in out.splitlines() if line.startswith("FAIL  broker"))
+    assert "cannot reach 127.0.0.1:" in broker_line and " — check the network" in broker_line
+    decode_line = next(line for line in out.splitlines() if line.startswith("FAIL  decode"))
+    assert " — hold the self-test card" in decode_line
+
+
+def test_printed_card_decodes_and_verifies_with_its_key(tmp_path: Path, broker, capsys) -> None:
+    card = tmp_path / "card.png"
+    assert main(["selftest", "--config", "unused", "--card", str(card)]) == 0
+    pub = tmp_path / "card.pub.json"
+    assert json.loads(pub.read_text())["kid"]
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    page = cv2.imread(str(card), cv2.IMREAD_GRAYSCALE)
+    h = page.shape[0] * 640 // page.shape[1]
+    scaled = cv2.resize(page, (640, h), interpolation=cv2.INTER_AREA)[:480]
+    for i in range(5):
+        cv2.imwrite(str(frames / f"{i:05d}.png"), scaled)
+    config = write_config(tmp_path, source=f"dir:{frames}", port=broker.port)
+    capsys.readouterr()
+    main(["selftest", "--config", str(config), "--card-key", str(pub)])
+    checks = check_lines(capsys.readouterr().out)
+    assert checks["decode"] == "PASS" and checks["broker"] == "PASS"
+    # Without the card's key the card is read but not trusted: it is not an accepted pass.
+    main(["selftest", "--config", str(config)])
+    out = capsys.readouterr().out
+    assert check_lines(out)["decode"] == "FAIL" and "no trusted key" in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "status"),
+    [
+        ({"raw": "0x0"}, "PASS"),
+        ({"raw": "0x50000", "under_voltage_occurred": True}, "WARN"),
+        ({"raw": "0x50005", "under_voltage_now": True, "under_voltage_occurred": True}, "FAIL"),
+        (None, "WARN"),
+    ],
+)
+def test_power_check(flags: dict[str, object] | None, status: str) -> None:
+    assert selftest.check_power(flags).status == status
+
+
+def test_disk_thresholds_and_corrupt_outbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import scanner.telemetry as telemetry
+
+    for free, status in ((10 * 2**20, "FAIL"), (100 * 2**20, "WARN"), (2**30, "PASS")):
+        monkeypatch.setattr(telemetry, "disk_free_bytes", lambda _p, free=free: free)
+        assert selftest.check_disk(tmp_path).status == status
+    bad = tmp_path / "outbox.db"
+    bad.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    check = selftest.check_outbox(bad)
+    assert check.status == "FAIL" and "move outbox.db aside" in check.line()
+
+
+def test_certificate_expiry_warns_within_30_days(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from scanner import pki
+    from scanner.config import from_table
+
+    pki.init_ca(tmp_path / "ca")
+    issued = pki.issue_client(tmp_path / "ca", "device", "gate-1", days=20)
+    config = from_table(
+        {
+            "device": {"id": "gate-1", "site": "s"},
+            "mqtt": {
+                "tls": True,
+                "ca_file": str(tmp_path / "ca/ca.crt"),
+                "cert_file": str(issued.cert),
+                "key_file": str(issued.key),
+            },
+        }
+    )
+    assert selftest.check_certificate(config).status == "WARN"
+    later = datetime.now(UTC) + timedelta(days=40)
+    assert selftest.check_certificate(config, now=later).status == "FAIL"
