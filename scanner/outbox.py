@@ -12,6 +12,14 @@ share ONE connection behind a lock rather than a connection per thread:
 
 ``seq`` lives in a ``meta`` row updated in the same transaction as the insert, so it is
 never reused: not after rows are deleted, not after the process is killed mid-append.
+
+A corrupt file (SD cards do this after a power cut) is not a reason for a gate to stay
+down: at open it is renamed to ``outbox.db.corrupt-<UTC time>`` (kept for forensics) and a
+fresh outbox starts, with :attr:`Outbox.quarantined` set so the caller raises an alarm. The
+events in the bad file are lost; that must show as a gap at the collector, never be hidden
+by a new event reusing a seq. So seqs are also reserved in blocks in a sidecar file
+(``outbox.seq``, fsynced before any seq of a new block is committed): a fresh outbox starts
+at the reserved mark, above every seq the old one can have used.
 """
 
 from __future__ import annotations
@@ -33,9 +41,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY,
     created TEXT NOT NULL,
     payload BLOB NOT NULL
-);
-INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', 1);
+)
 """
+
+
+# Seqs reserved per sidecar write: one extra fsync per this many appends, and the gap a
+# corrupted outbox leaves at the collector is at most this much larger than the real loss.
+SEQ_BLOCK = 1000
+# What SQLite says about a file it cannot trust (as opposed to one it cannot open at all).
+_CORRUPT_MARKERS = ("file is not a database", "malformed", "corrupt")
 
 
 class OutboxError(Exception):
@@ -56,12 +70,34 @@ def utc_now_iso() -> str:
 class Outbox:
     """Bounded, durable FIFO of event payloads keyed by a per-device ``seq``."""
 
-    def __init__(self, path: Path, max_events: int, *, clock: Callable[[], str] = utc_now_iso) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_events: int,
+        *,
+        clock: Callable[[], str] = utc_now_iso,
+        seq_block: int = SEQ_BLOCK,
+    ) -> None:
         self.path = Path(path)
         self.max_events = max_events
         self._clock = clock
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        self._seq_block = max(1, int(seq_block))
+        self.seq_path = self.path.with_name(self.path.name.removesuffix(".db") + ".seq")
+        #: Where a corrupt outbox found at open was moved to (None: the file was fine).
+        self.quarantined: Path | None = None
+        try:
+            conn = self._open()
+        except _Corrupt as exc:
+            self.quarantined = self._quarantine(str(exc))
+            try:
+                conn = self._open()
+            except _Corrupt as again:
+                raise OutboxError(f"cannot use {self.path}: {again}") from again
+        self._conn = conn
+
+    def _open(self) -> sqlite3.Connection:
         try:
             self._create_private(self.path)
             conn = sqlite3.connect(
@@ -78,12 +114,78 @@ class Outbox:
                 log.warning("outbox %s: journal_mode is %s, not wal", self.path, mode)
             # FULL: the WAL is fsynced on every commit, so a returned append survives power loss.
             conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
+            fresh = conn.execute("SELECT name FROM sqlite_master WHERE name = 'meta'").fetchone() is None
+            if not fresh:
+                check = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
+                if check != ["ok"]:
+                    raise sqlite3.DatabaseError(f"quick_check: corrupt: {'; '.join(check[:3])}")
+            self._reserved = self._read_reserved()
+            # One transaction, so a crash cannot leave a new file that starts again at 1. A new
+            # file beside an old high-water mark (quarantined or deleted outbox) continues above
+            # every seq the old file can have used; an existing file keeps its own next_seq.
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', ?)", (self._reserved,))
+            conn.execute("COMMIT")
+            if fresh and self._reserved > 1:
+                log.warning("outbox %s is new: seqs continue at %d", self.path, self._reserved)
             self._depth = int(conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         except sqlite3.Error as exc:
             conn.close()
+            if isinstance(exc, sqlite3.DatabaseError) and any(m in str(exc) for m in _CORRUPT_MARKERS):
+                raise _Corrupt(str(exc)) from exc
             raise OutboxError(f"cannot use {self.path}: {exc}") from exc
-        self._conn = conn
+        return conn
+
+    def _quarantine(self, why: str) -> Path:
+        """Move the corrupt file and its -wal/-shm aside (0600, personal data); return the new name."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        try:
+            for suffix in ("-wal", "-shm", ""):  # the database file last: it names the set
+                src = Path(f"{self.path}{suffix}")
+                if src.exists():
+                    dst = Path(f"{target}{suffix}")
+                    os.rename(src, dst)
+                    os.chmod(dst, 0o600)
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise OutboxError(f"{self.path} is corrupt ({why}) and cannot be moved aside: {exc}") from exc
+        log.error("outbox %s is corrupt (%s): moved to %s, starting a new one", self.path, why, target)
+        return target
+
+    # --- seq high-water mark -----------------------------------------------------------------
+
+    def _read_reserved(self) -> int:
+        """The first seq not yet reserved (1 when there is no sidecar or it is unreadable)."""
+        try:
+            return max(1, int(self.seq_path.read_text(encoding="ascii").strip()))
+        except FileNotFoundError:
+            return 1
+        except (OSError, ValueError) as exc:
+            # The db's own next_seq still holds; only the protection against a lost db is gone.
+            log.warning("outbox seq mark %s unreadable (%s); rewritten on append", self.seq_path, exc)
+            return 1
+
+    def _reserve(self, seq: int) -> None:
+        """Make sure ``seq`` is below the mark on disk before it is committed (caller holds the lock)."""
+        if seq < self._reserved:
+            return
+        mark = seq + self._seq_block
+        tmp = self.seq_path.with_name(self.seq_path.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, f"{mark}\n".encode("ascii"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.seq_path)
+            _fsync_dir(self.seq_path.parent)
+        except OSError as exc:
+            raise OutboxError(f"cannot reserve seqs in {self.seq_path}: {exc}") from exc
+        self._reserved = mark
 
     @staticmethod
     def _create_private(path: Path) -> None:
@@ -115,6 +217,7 @@ class Outbox:
                 raise OutboxError(f"cannot begin: {exc}") from exc
             try:
                 seq = int(conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
+                self._reserve(seq)
                 created = self._clock()
                 payload = build(seq, created)
                 conn.execute(
@@ -125,6 +228,9 @@ class Outbox:
             except sqlite3.Error as exc:
                 self._rollback(conn)
                 raise OutboxError(f"cannot append: {exc}") from exc
+            except OutboxError:
+                self._rollback(conn)
+                raise
             except BaseException:
                 self._rollback(conn)
                 raise
@@ -235,6 +341,19 @@ class Outbox:
             pass
 
 
+class _Corrupt(Exception):
+    """SQLite does not trust the file's contents (internal: the outbox quarantines it)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename is durable only once the directory entry is on disk.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def bench_commits(path: Path, n: int) -> float:
     """Durable appends per second on the filesystem holding ``path`` (a scratch file).
 
@@ -254,4 +373,5 @@ def bench_commits(path: Path, n: int) -> float:
         outbox.close()
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
+        outbox.seq_path.unlink(missing_ok=True)
     return n / elapsed if elapsed > 0 else float("inf")

@@ -109,11 +109,77 @@ def test_disk_full_raises_and_keeps_earlier_rows(tmp_path: Path) -> None:
         assert ob.append(payload) == 2
 
 
-def test_broken_file_raises(tmp_path: Path) -> None:
-    db = tmp_path / "o.db"
+def _quarantined_files(d: Path) -> list[Path]:
+    return sorted(f for f in d.iterdir() if ".corrupt-" in f.name)
+
+
+def test_junk_file_is_quarantined_and_seqs_continue_above_the_mark(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    with Outbox(db, max_events=100, seq_block=10) as ob:
+        used = [ob.append(payload) for _ in range(25)]  # crosses two block reservations
+        assert ob.quarantined is None
     db.write_bytes(b"this is not an sqlite database, it is a truncated mess" * 100)
+    with Outbox(db, max_events=100, seq_block=10) as ob:
+        assert ob.quarantined is not None and ob.quarantined.exists()
+        assert ob.quarantined.name.startswith("outbox.db.corrupt-")
+        assert stat.S_IMODE(ob.quarantined.stat().st_mode) == 0o600
+        assert ob.depth() == 0
+        seq = ob.append(payload)
+        assert seq > max(used)  # a gap the collector reports, never a reused seq
+        assert [s for s, _ in ob.pending()] == [seq]
+    with Outbox(db, max_events=100, seq_block=10) as ob:  # the new file is a normal file now
+        assert ob.quarantined is None
+        assert ob.append(payload) == seq + 1
+    assert len(_quarantined_files(tmp_path)) >= 1
+
+
+def test_malformed_pages_are_quarantined(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    with Outbox(db, max_events=1000) as ob:
+        for _ in range(200):
+            ob.append(lambda seq, created: b"x" * 500)
+        used = ob.next_seq - 1
+    # Keep the header (SQLite still recognises the file), trash the pages behind it.
+    raw = bytearray(db.read_bytes())
+    assert len(raw) > 8192
+    raw[4096:] = b"\xff" * (len(raw) - 4096)
+    db.write_bytes(bytes(raw))
+    with Outbox(db, max_events=1000) as ob:
+        assert ob.quarantined is not None
+        assert ob.append(payload) > used
+
+
+def test_deleted_outbox_continues_above_the_mark(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    with Outbox(db, max_events=100, seq_block=5) as ob:
+        for _ in range(7):
+            ob.append(payload)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    with Outbox(db, max_events=100, seq_block=5) as ob:
+        assert ob.quarantined is None
+        assert ob.append(payload) > 7
+
+
+def test_unopenable_file_still_raises(tmp_path: Path) -> None:
+    # Not corruption: a directory where the file should be. Nothing is moved aside.
+    (tmp_path / "o.db").mkdir()
     with pytest.raises(OutboxError, match="cannot"):
-        Outbox(db, max_events=10)
+        Outbox(tmp_path / "o.db", max_events=10)
+    assert not _quarantined_files(tmp_path)
+
+
+def test_seq_mark_write_failure_fails_secure(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_events=100, seq_block=2) as ob:
+        assert ob.append(payload) == 1
+        ob.seq_path.unlink()
+        ob.seq_path.mkdir()  # the sidecar cannot be replaced: the next block cannot be reserved
+        assert ob.append(payload) == 2  # still inside the reserved block
+        with pytest.raises(OutboxError, match="reserve"):
+            ob.append(payload)
+        assert ob.depth() == 2 and ob.next_seq == 3
+        ob.seq_path.rmdir()
+        assert ob.append(payload) == 3
 
 
 def test_closed_raises(tmp_path: Path) -> None:
@@ -237,3 +303,46 @@ def test_bench_commits(tmp_path: Path) -> None:
     db.touch()
     with pytest.raises(FileExistsError):
         bench_commits(db, 5)
+
+
+BLOCK_CHILD = """
+import sys
+from pathlib import Path
+from scanner.outbox import Outbox
+ob = Outbox(Path(sys.argv[1]), max_events=1_000_000, seq_block=3)
+while True:
+    seq = ob.append(lambda seq, created: b'{"seq": %d}' % seq)
+    print(seq, flush=True)
+"""
+
+
+def test_sigkill_between_reservations_then_corruption_never_reuses(tmp_path: Path) -> None:
+    """Killed at arbitrary points of the block cycle, then the db lost: the next seq is above all."""
+    db = tmp_path / "outbox.db"
+    reported: list[int] = []
+    for kill_after in (4, 7, 5):  # bounded: three runs, each stops at a different block offset
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BLOCK_CHILD, str(db)],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=REPO,
+        )
+        got = 0
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                reported.append(int(line))
+                got += 1
+                if got >= kill_after:
+                    break
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        assert got == kill_after, "child stopped early"
+    assert reported == sorted(set(reported))
+    with Outbox(db, max_events=1_000_000) as ob:
+        stored = [s for s, _ in ob.pending(limit=1000)]
+    db.write_bytes(b"\x00junk" * 2000)
+    with Outbox(db, max_events=100, seq_block=3) as ob:
+        assert ob.quarantined is not None
+        assert ob.append(payload) > max(stored)

@@ -1,0 +1,444 @@
+"""Fault suite (issue 6): the real gate daemon, a private mosquitto and the real collector.
+
+Pass criterion in every case: each event the gate committed is stored exactly once in the
+collector's store; nothing crashed; the relay never moved without a committed event.
+
+What "committed" means here: ``Outbox.append`` allocates ``seq`` inside the commit, so the
+committed events of one gate are exactly seqs 1 .. next_seq-1 of its outbox (the daemon's
+``seq=N`` log lines, written after the commit, are a subset: a SIGKILL can land between the
+two). Commit-before-relay is asserted from MockFactory pin histories in the in-process
+cases; for subprocess runs it rests on tests/test_app.py and the store contents.
+
+Every loop here is bounded in count and time: waits are ``wait_until`` with a timeout,
+subprocesses are waited on with a timeout and killed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from gpiozero.pins.mock import MockFactory
+
+from scanner import config as config_mod
+from scanner import synth
+from scanner.app import App
+from scanner.demo import ALLOWED, write_demo_files
+from scanner.localbroker import LocalBroker
+from tests.mqtt_helpers import wait_until
+from tests.test_e2e import _table, _toml, rising_edges
+
+FPS = 30.0
+HOLD_S = 0.2  # 6 frames of each code ...
+GAP_S = 0.2  # ... then 6 empty ones: with gone_after_s 0.1 every scene is a new scan
+PREFIX = "faults"
+SEQ_LINE = re.compile(rb"seq=(\d+) ")
+
+
+def scenes(n: int, allowed_every: int = 4) -> list[tuple[str, str]]:
+    """``n`` scenes of distinct codes (every ``allowed_every``-th an allowlisted one)."""
+    return [
+        (f"person {i}", ALLOWED[i % len(ALLOWED)] if i % allowed_every == 0 else f"VISITOR-{i}")
+        for i in range(n)
+    ]
+
+
+def make_gate(workdir: Path, port: int, codes: list[tuple[str, str]], **overrides: object) -> Path:
+    """A demo gate over short scenes, delivering to the collector; returns its config path."""
+    path = write_demo_files(workdir, broker_port=port, scenes=[], fps=FPS)
+    synth.demo_frames(workdir / "frames", codes, fps=FPS, hold_s=HOLD_S, gap_s=GAP_S)
+    table = _table(
+        path,
+        {
+            "storage.delivery": "collector",
+            "mqtt.topic_prefix": PREFIX,
+            "track.gone_after_s": 0.1,
+            # Every restart replays the same frames: with anti-passback off an allowlisted
+            # code is accepted on every pass, so restarts add accepts (relay moves) as well
+            # as rejects, and no decision depends on which run saw a code first.
+            "policy.anti_passback_s": 0.0,
+            "gpio.relay_pulse_s": 0.1,
+            "daemon.drain_timeout_s": 30.0,
+            **overrides,
+        },
+    )
+    path.write_text(_toml(table))
+    return path
+
+
+class CollectorProc:
+    """``python -m scanner collect`` over a SQLite store, as a subprocess that can be killed."""
+
+    def __init__(self, workdir: Path, broker: LocalBroker) -> None:
+        self.db = workdir / "collector.db"
+        self.config = workdir / "collector.toml"
+        self.log = workdir / "collector.log"
+        self.config.write_text(
+            _toml(
+                {
+                    "mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": PREFIX},
+                    "collector": {"store": f"sqlite:{self.db}", "name": "c1"},
+                    "daemon": {"log_level": "info"},
+                }
+            )
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> CollectorProc:
+        self._connects = self.log.read_bytes().count(b"connected to") if self.log.exists() else 0
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "scanner", "collect", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        # Connected (it subscribes at once, with a persistent session) before a gate publishes.
+        assert wait_until(
+            lambda: self.log.read_bytes().count(b"connected to") > self._connects or self._dead(), 30
+        ), self.tail()
+        assert not self._dead(), self.tail()
+        return self
+
+    def _dead(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+    def stored(self, device: str) -> list[int]:
+        if not self.db.exists():
+            return []
+        try:
+            with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5) as conn:
+                rows = conn.execute("SELECT seq FROM checkins WHERE device = ? ORDER BY seq", (device,))
+                return [int(r[0]) for r in rows]
+        except sqlite3.Error:  # the collector is still creating it
+            return []
+
+
+@pytest.fixture
+def collector_env(tmp_path: Path) -> Iterator[tuple[LocalBroker, CollectorProc]]:
+    # Persistence off throughout: a broker restart loses whatever it held, as in the field
+    # research; only the gate's keep-until-acked outbox may make up for it.
+    with LocalBroker(tmp_path / "broker", persistence=False) as broker:
+        collector = CollectorProc(tmp_path, broker)
+        try:
+            yield broker, collector.start()
+        finally:
+            collector.kill()
+
+
+def spawn_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "scanner", "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def logged_seqs(log: Path) -> list[int]:
+    return [int(m) for m in SEQ_LINE.findall(log.read_bytes())] if log.exists() else []
+
+
+def committed(cfg: config_mod.Config) -> list[int]:
+    """Every seq the gate's outbox ever allocated (each allocation is a commit)."""
+    db = cfg.storage.dir / "outbox.db"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        next_seq = int(conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
+    return list(range(1, next_seq))
+
+
+def assert_stored_exactly_once(collector: CollectorProc, cfg: config_mod.Config, logged: list[int]) -> None:
+    expected = committed(cfg)
+    assert expected, "the gate committed nothing: the test exercised no fault"
+    assert set(logged) <= set(expected)
+    ok = wait_until(lambda: len(collector.stored(cfg.device.id)) >= len(expected), 30)
+    stored = collector.stored(cfg.device.id)
+    assert ok, f"stored {len(stored)} of {len(expected)}\n{collector.tail()}"
+    assert stored == expected  # each committed seq once: no loss, no duplicate, nothing extra
+
+
+def run_to_end(config: Path, log: Path, timeout: float = 120) -> None:
+    daemon = spawn_daemon(config, log)
+    try:
+        assert daemon.wait(timeout) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(10)
+
+
+def test_daemon_sigkilled_five_times_during_a_burst(tmp_path: Path, collector_env) -> None:
+    """SIGKILL the gate 5× mid-burst; each restart replays the same frames (a new burst).
+
+    Restarting on the same frames rather than the remaining ones keeps every run a burst
+    from its first frame, and the events are new records either way (new seq, new id).
+    """
+    broker, collector = collector_env
+    path = make_gate(tmp_path, broker.port, scenes(16))
+    cfg = config_mod.load(path)
+    logs = [tmp_path / f"daemon{i}.log" for i in range(6)]
+    for i in range(5):
+        daemon = spawn_daemon(path, logs[i])
+        try:
+            # Mid-burst: a few scans into this run, at a different point each time.
+            def mid_burst(
+                log: Path = logs[i], n: int = 2 + i, proc: subprocess.Popen[bytes] = daemon
+            ) -> bool:
+                return len(logged_seqs(log)) >= n or proc.poll() is not None
+
+            assert wait_until(mid_burst, 60)
+            assert daemon.poll() is None, logs[i].read_text(errors="replace")[-3000:]
+        finally:
+            daemon.send_signal(signal.SIGKILL)
+            daemon.wait(10)
+        assert daemon.returncode == -signal.SIGKILL
+    run_to_end(path, logs[5])
+    logged = [s for log in logs for s in logged_seqs(log)]
+    assert logged == sorted(set(logged))  # seqs rise across restarts, never reused
+    assert_stored_exactly_once(collector, cfg, logged)
+    assert collector.proc is not None and collector.proc.poll() is None
+
+
+def test_broker_sigkilled_during_a_burst(tmp_path: Path, collector_env) -> None:
+    broker, collector = collector_env
+    path = make_gate(tmp_path, broker.port, scenes(20))
+    cfg = config_mod.load(path)
+    log = tmp_path / "daemon.log"
+    daemon = spawn_daemon(path, log)
+    try:
+        assert wait_until(lambda: len(collector.stored(cfg.device.id)) >= 2, 60), collector.tail()
+        broker.kill()  # no persistence: everything it held for the collector is gone
+        # The gate keeps scanning and committing while the broker is away.
+        before = len(logged_seqs(log))
+        assert wait_until(lambda: len(logged_seqs(log)) >= before + 4, 30), log.read_text()[-3000:]
+        broker.start()
+        assert daemon.wait(120) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(10)
+    assert_stored_exactly_once(collector, cfg, logged_seqs(log))
+
+
+def test_collector_sigkilled_mid_burst_and_restarted(tmp_path: Path, collector_env) -> None:
+    broker, collector = collector_env
+    path = make_gate(tmp_path, broker.port, scenes(20))
+    cfg = config_mod.load(path)
+    log = tmp_path / "daemon.log"
+    daemon = spawn_daemon(path, log)
+    try:
+        assert wait_until(lambda: len(collector.stored(cfg.device.id)) >= 2, 60), collector.tail()
+        collector.kill()
+        before = len(logged_seqs(log))
+        assert wait_until(lambda: len(logged_seqs(log)) >= before + 4, 30), log.read_text()[-3000:]
+        collector.start()
+        assert daemon.wait(120) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(10)
+    assert_stored_exactly_once(collector, cfg, logged_seqs(log))
+
+
+# --- in-process cases: MockFactory pins and an injected clock --------------------------------
+
+
+class Run:
+    """``App.run`` on a thread named ``gate-pipeline`` (the pipeline runs on the caller's thread)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.result: list[int] = []
+        self.thread = threading.Thread(
+            target=lambda: self.result.append(app.run(threading.Event())), name="gate-pipeline", daemon=True
+        )
+
+    def start(self) -> Run:
+        self.thread.start()
+        return self
+
+    def join(self, timeout: float = 120) -> int:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the daemon did not finish its finite source"
+        return self.result[0]
+
+    def reasons(self) -> dict[str, int]:
+        gate = self.app.gate
+        return dict(gate.reasons) if gate is not None else {}
+
+
+def fill_outbox_disk(app: App) -> Callable[[], None]:
+    """Cap the outbox's database at its current size and fill every free page: from now on
+    a commit that needs a new page fails with SQLITE_FULL, exactly as on a full disk.
+    Returns the function that gives the space back."""
+    outbox = app._outbox
+    assert outbox is not None
+    conn = outbox._conn
+    assert conn is not None
+    with outbox._lock:
+        conn.execute("CREATE TABLE IF NOT EXISTS ballast (b BLOB)")
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count={pages + 4}")
+        for size in (65536, 4096, 1024, 256, 64, 16):  # bounded: six sizes, ≤ 200 rows each
+            for _ in range(200):
+                try:
+                    conn.execute("INSERT INTO ballast VALUES (?)", (os.urandom(size),))
+                except sqlite3.Error:
+                    break
+
+    def free() -> None:
+        with outbox._lock:
+            conn.execute("PRAGMA max_page_count=1073741823")
+            conn.execute("DROP TABLE ballast")
+
+    return free
+
+
+def test_disk_full_under_the_outbox_fails_secure_then_recovers(tmp_path: Path, collector_env) -> None:
+    broker, collector = collector_env
+    # Every other scene allowlisted, so accepts fall into the full window.
+    path = make_gate(tmp_path, broker.port, scenes(30, allowed_every=2))
+    cfg = config_mod.load(path)
+    assert collector.proc is not None
+    # Hold acks (the collector is paused, not gone) while the disk is full: acked rows would
+    # be deleted and their space reused, and the full window would depend on timing.
+    os.kill(collector.proc.pid, signal.SIGSTOP)
+    factory = MockFactory()
+    try:
+        app = App(cfg, pin_factory=factory)
+        run = Run(app).start()
+        assert wait_until(lambda: app._outbox is not None, 30)
+        free = fill_outbox_disk(app)
+        assert wait_until(lambda: run.reasons().get("device_fault", 0) >= 3, 60), run.reasons()
+        assert "outbox" in app.alarms.snapshot()
+        free()
+        os.kill(collector.proc.pid, signal.SIGCONT)
+        assert run.join() == 0
+        relay = [s.state for s in factory.pin(cfg.gpio.relay_pin).states]
+        gate = app.gate
+        assert gate is not None
+    finally:
+        os.kill(collector.proc.pid, signal.SIGCONT)
+        factory.close()
+    assert "outbox" not in app.alarms.snapshot()  # cleared by the first commit after recovery
+    assert_stored_exactly_once(collector, cfg, [])
+    accepted = _stored_decisions(collector, cfg).count("accepted")
+    # One pulse per committed accept: an allowlisted code refused for want of a record never
+    # moved the relay.
+    assert relay[0] is False and relay[-1] is False
+    assert rising_edges(relay) == accepted
+    assert gate.reasons["device_fault"] >= 3
+    assert gate.reasons["ok"] == accepted
+
+
+def _stored_decisions(collector: CollectorProc, cfg: config_mod.Config) -> list[str]:
+    with sqlite3.connect(f"file:{collector.db}?mode=ro", uri=True, timeout=5) as conn:
+        rows = conn.execute("SELECT decision FROM checkins WHERE device = ? ORDER BY seq", (cfg.device.id,))
+        return [str(r[0]) for r in rows]
+
+
+class JumpingClock:
+    """Wall time that jumps +1 day after the first scan and to -1 day after the fourth; the
+    monotonic clock is the real one. Counts only calls from the pipeline thread (the scans)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def now(self) -> datetime:
+        real = datetime.now(UTC)
+        if threading.current_thread().name != "gate-pipeline":
+            return real
+        self.calls += 1  # call 1 is the command verifier's start time, then one per scan
+        if self.calls <= 2:
+            return real
+        if self.calls <= 5:
+            return real + timedelta(days=1)
+        return real - timedelta(days=1)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+def test_clock_jumps_a_day_forward_and_back(tmp_path: Path, collector_env) -> None:
+    broker, collector = collector_env
+    allowed = ALLOWED[0]
+    codes = [
+        ("first", allowed),
+        ("v1", "VISITOR-1"),
+        ("again after +1 day", allowed),
+        ("v2", "VISITOR-2"),
+        ("v3", "VISITOR-3"),
+        ("again after -1 day", allowed),
+        ("v4", "VISITOR-4"),
+        ("v5", "VISITOR-5"),
+    ]
+    path = make_gate(tmp_path, broker.port, codes, **{"policy.anti_passback_s": 600.0})
+    cfg = config_mod.load(path)
+    factory = MockFactory()
+    try:
+        app = App(cfg, pin_factory=factory, clock=JumpingClock())
+        assert Run(app).start().join() == 0
+        relay = [s.state for s in factory.pin(cfg.gpio.relay_pin).states]
+    finally:
+        factory.close()
+    assert_stored_exactly_once(collector, cfg, [])
+    with sqlite3.connect(f"file:{collector.db}?mode=ro", uri=True, timeout=5) as conn:
+        rows = conn.execute(
+            "SELECT seq, ts, decision, reason FROM checkins WHERE device = ? ORDER BY seq", (cfg.device.id,)
+        ).fetchall()
+    assert [r[0] for r in rows] == list(range(1, len(codes) + 1))  # ordered by seq, whatever ts says
+    today = datetime.now(UTC).date()
+    days = {(datetime.fromisoformat(r[1].replace("Z", "+00:00")).date() - today).days for r in rows}
+    assert {1, -1} <= days, days  # the jumps happened (±1, and 0 for the first scans)
+    # Anti-passback runs on the monotonic clock: neither a day forward nor a day back lets the
+    # same code in again within the window.
+    assert [(r[2], r[3]) for r in rows if codes[r[0] - 1][1] == allowed] == [
+        ("accepted", "ok"),
+        ("rejected", "anti_passback"),
+        ("rejected", "anti_passback"),
+    ]
+    assert rising_edges(relay) == 1
+
+
+def test_network_blackhole_needs_a_network_namespace() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("network blackhole: needs root to create a network namespace")
+    probe = subprocess.run(["ip", "netns", "add", "gs-probe"], capture_output=True, text=True, timeout=10)
+    if probe.returncode != 0:
+        pytest.skip(f"network blackhole: `ip netns add` is not allowed here ({probe.stderr.strip()})")
+    subprocess.run(["ip", "netns", "delete", "gs-probe"], capture_output=True, timeout=10)
+    pytest.skip("network blackhole: namespaces work here but the case is not written yet (issue 6)")
+
+
+@pytest.fixture(autouse=True)
+def _no_system_notify(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
