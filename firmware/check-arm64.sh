@@ -73,7 +73,7 @@ chroot "$root" /bin/sh -ec '
 say "running the self-test inside arm64 (replayed card frames, mock pins, private mosquitto)"
 chroot "$root" /bin/sh -ec '
   cd /tmp
-  printf "[device]\nid = \"arm64-gate\"\nsite = \"proof\"\n[storage]\ndir = \"/tmp/selftest-state\"\n" >/tmp/selftest.toml
+  printf "[device]\nid = \"arm64-gate\"\nsite = \"proof\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = 1\n[storage]\ndir = \"/tmp/selftest-state\"\n" >/tmp/selftest.toml
   /opt/gate-scanner/.venv/bin/gate-scanner selftest --simulate --config /tmp/selftest.toml
 '
 say "arm64 proof passed"
