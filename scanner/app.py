@@ -31,6 +31,7 @@ from scanner.decode import Decoder
 from scanner.models import CheckinEvent, Decision, Frame, Reason
 from scanner.mqtt import Publisher
 from scanner.outbox import Outbox, OutboxError
+from scanner.selftest import load_result as load_selftest_result
 from scanner.signals import Signals, make_pin_factory
 from scanner.track import PresenceTracker
 
@@ -313,7 +314,7 @@ class App:
             "started": events.utc_ms(self.started_at),
             "lists": self.gate.trust.ages(self._clock.now()) if self.gate is not None else {},
             "outbox": {"depth": self._outbox_depth(), "max": self.config.storage.outbox_max_events},
-            "selftest": None,  # the technicians' self-test fills this in
+            "selftest": load_selftest_result(self.config.storage.dir),  # `gate-scanner selftest` writes it
         }
 
     def health(self, *, remember: bool = True) -> dict[str, Any]:

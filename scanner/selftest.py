@@ -640,6 +640,32 @@ def run_selftest(
     return checks
 
 
+RESULT_FILE = "selftest.json"
+
+
+def save_result(state_dir: Path, checks: list[Check], now: datetime | None = None) -> Path:
+    """Keep the result beside the outbox: the daemon publishes it in its retained ``status``."""
+    result = {
+        "ts": (now or datetime.now(UTC)).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "passed": not any(c.status == "FAIL" for c in checks),
+        "checks": [{"name": c.name, "status": c.status, "detail": c.detail} for c in checks],
+    }
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = state_dir / RESULT_FILE
+    temp = path.with_suffix(".tmp")
+    temp.write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
+    temp.replace(path)
+    return path
+
+
+def load_result(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        result = json.loads((state_dir / RESULT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
 def add_selftest_command(sub: Any) -> None:
     p = sub.add_parser("selftest", help="check camera, card decode, signals, broker, clock, disk, power")
     p.add_argument("--config", required=True, type=Path)
@@ -691,6 +717,11 @@ def run_selftest_command(args: argparse.Namespace) -> int:
         config, simulate=args.simulate, card_keys=keys, key_path=args.key, unattended=args.unattended
     )
     failed = [c.name for c in checks if c.status == "FAIL"]
+    if not args.simulate:
+        try:
+            save_result(config.storage.dir, checks)
+        except OSError as exc:
+            print(f"selftest: result not saved for status ({exc})", file=sys.stderr)
     print(
         f"selftest: {len(checks) - len(failed)} of {len(checks)} checks passed or warned"
         + (f"; FAILED: {', '.join(failed)}" if failed else ""),

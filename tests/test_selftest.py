@@ -162,3 +162,16 @@ def test_certificate_expiry_warns_within_30_days(tmp_path: Path) -> None:
     assert selftest.check_certificate(config).status == "WARN"
     later = datetime.now(UTC) + timedelta(days=40)
     assert selftest.check_certificate(config, now=later).status == "FAIL"
+
+
+def test_the_last_result_is_kept_for_the_daemons_retained_status(tmp_path):
+    from scanner import config as config_mod
+    from scanner.app import App
+    from scanner.selftest import Check, save_result
+
+    cfg = config_mod.from_table({"device": {"id": "g", "site": "s"}, "storage": {"dir": str(tmp_path)}})
+    assert App(cfg).status()["selftest"] is None
+    save_result(tmp_path, [Check("PASS", "camera", "ok"), Check("FAIL", "broker", "refused")])
+    result = App(cfg).status()["selftest"]
+    assert result["passed"] is False
+    assert [c["name"] for c in result["checks"]] == ["camera", "broker"]
