@@ -73,9 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     frames.add_argument("--frames", type=int, default=40, help="distinct frames per size and kind")
     from scanner.collector import add_collect_command
     from scanner.outboxbench import add_bench_outbox
+    from scanner.soakbench import add_bench_soak
     from scanner.trace import add_trace_command
 
     add_bench_outbox(bench_sub)
+    add_bench_soak(bench_sub)
     add_collect_command(sub)
     add_trace_command(sub)
     return parser
@@ -178,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         from scanner.trace import run_trace_command
 
         return run_trace_command(args)
+    if command == "bench" and args.bench == "soak":
+        from scanner.soakbench import run_bench_soak
+
+        return run_bench_soak(args)
     if command == "bench" and args.bench == "outbox":
         from scanner.outboxbench import run_bench_outbox
 

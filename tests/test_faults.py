@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -34,7 +35,7 @@ from scanner import config as config_mod
 from scanner import synth
 from scanner.app import App
 from scanner.demo import ALLOWED, write_demo_files
-from scanner.localbroker import LocalBroker
+from scanner.localbroker import LocalBroker, find_mosquitto
 from tests.mqtt_helpers import wait_until
 from tests.test_e2e import _table, _toml, rising_edges
 
@@ -79,7 +80,8 @@ def make_gate(workdir: Path, port: int, codes: list[tuple[str, str]], **override
 class CollectorProc:
     """``python -m scanner collect`` over a SQLite store, as a subprocess that can be killed."""
 
-    def __init__(self, workdir: Path, broker: LocalBroker) -> None:
+    def __init__(self, workdir: Path, broker: LocalBroker | NsBroker, prefix: tuple[str, ...] = ()) -> None:
+        self.prefix = list(prefix)
         self.db = workdir / "collector.db"
         self.config = workdir / "collector.toml"
         self.log = workdir / "collector.log"
@@ -98,7 +100,7 @@ class CollectorProc:
         self._connects = self.log.read_bytes().count(b"connected to") if self.log.exists() else 0
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "scanner", "collect", "--config", str(self.config)],
+                [*self.prefix, sys.executable, "-m", "scanner", "collect", "--config", str(self.config)],
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )
@@ -154,13 +156,24 @@ def collector_env(tmp_path: Path) -> Iterator[tuple[LocalBroker, CollectorProc]]
             collector.kill()
 
 
-def spawn_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+def spawn_daemon(config: Path, log: Path, prefix: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     with open(log, "ab") as err:
         return subprocess.Popen(
-            [sys.executable, "-m", "scanner", "run", "--config", str(config)],
+            [*prefix, sys.executable, "-m", "scanner", "run", "--config", str(config)],
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
+
+
+def extend_replay(workdir: Path, seconds: float) -> None:
+    """Repeat the gate's frames (hard links, no new images) until the replay lasts ``seconds``.
+
+    Each repetition is a new burst of scans: anti-passback is off in ``make_gate``."""
+    frames = workdir / "frames"
+    originals = sorted(frames.glob("*.png"))
+    total = round(seconds * FPS)
+    for i in range(len(originals), total):
+        os.link(originals[i % len(originals)], frames / f"{i:05d}.png")
 
 
 def logged_seqs(log: Path) -> list[int]:
@@ -266,6 +279,38 @@ def test_collector_sigkilled_mid_burst_and_restarted(tmp_path: Path, collector_e
             daemon.kill()
             daemon.wait(10)
     assert_stored_exactly_once(collector, cfg, logged_seqs(log))
+
+
+def test_broker_down_for_a_minute(tmp_path: Path, collector_env) -> None:
+    """The broker is gone for 60 s while the gate keeps scanning and committing; it comes back
+    empty (no persistence) and the gate's outbox makes up for everything."""
+    broker, collector = collector_env
+    # 75 s of replay: a few s before the outage, 60 s of it, and some scans after it.
+    path = make_gate(tmp_path, broker.port, scenes(10), **{"daemon.drain_timeout_s": 90.0})
+    extend_replay(tmp_path, 75)
+    cfg = config_mod.load(path)
+    log = tmp_path / "daemon.log"
+    daemon = spawn_daemon(path, log)
+    try:
+        assert wait_until(lambda: len(collector.stored(cfg.device.id)) >= 2, 60), collector.tail()
+        broker.stop()
+        down_at = time.monotonic()
+        before = len(logged_seqs(log))
+        # Bounded: the loop ends at 60 s whatever happens; the gate must stay up throughout.
+        while time.monotonic() - down_at < 60:
+            assert daemon.poll() is None, log.read_text(errors="replace")[-3000:]
+            time.sleep(1)
+        during = len(logged_seqs(log)) - before
+        assert during >= 50, f"only {during} commits while the broker was down"
+        broker.start()
+        # paho's reconnect backoff (1 s doubling to 60 s) may add up to a minute here.
+        assert daemon.wait(150) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(10)
+    assert_stored_exactly_once(collector, cfg, logged_seqs(log))
+    assert collector.proc is not None and collector.proc.poll() is None
 
 
 # --- in-process cases: MockFactory pins and an injected clock --------------------------------
@@ -428,14 +473,140 @@ def test_clock_jumps_a_day_forward_and_back(tmp_path: Path, collector_env) -> No
     assert rising_edges(relay) == 1
 
 
-def test_network_blackhole_needs_a_network_namespace() -> None:
+# --- the link blackholed: two network namespaces joined by a veth pair -----------------------
+
+
+class NsBroker:
+    """mosquitto (persistence off) listening on ``host`` inside network namespace ``ns``."""
+
+    def __init__(self, workdir: Path, ns: str, host: str, probe_ns: str) -> None:
+        self.workdir, self.ns, self.host, self.probe_ns = workdir, ns, host, probe_ns
+        self.port = 1883  # the namespace is ours alone: nothing else listens there
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NsBroker:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
+            f"log_dest file {self.workdir / 'mosquitto.log'}\nuser root\n"
+        )
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, find_mosquitto(), "-c", str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        probe = f"import socket; socket.create_connection(({self.host!r}, {self.port}), 1).close()"
+
+        def listening() -> bool:
+            cmd = ["ip", "netns", "exec", self.probe_ns, sys.executable, "-c", probe]
+            return subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0
+
+        assert wait_until(listening, 15, interval=0.2), "mosquitto did not listen in its namespace"
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+
+
+def test_link_blackholed(tmp_path: Path) -> None:
+    """Gate in one namespace, broker and collector in another, one veth between them. The
+    link then silently drops every packet both ways for 20 s (a ``blackhole`` qdisc on both
+    ends: no RST, no ICMP, as when a cable or radio link dies) while the gate keeps
+    committing; once it carries traffic again every committed event is stored once."""
     if os.geteuid() != 0:
-        pytest.skip("network blackhole: needs root to create a network namespace")
-    probe = subprocess.run(["ip", "netns", "add", "gs-probe"], capture_output=True, text=True, timeout=10)
-    if probe.returncode != 0:
-        pytest.skip(f"network blackhole: `ip netns add` is not allowed here ({probe.stderr.strip()})")
-    subprocess.run(["ip", "netns", "delete", "gs-probe"], capture_output=True, timeout=10)
-    pytest.skip("network blackhole: namespaces work here but the case is not written yet (issue 6)")
+        pytest.skip("link blackhole: needs root to create network namespaces")
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        pytest.skip("link blackhole: needs iproute2 (`ip`, `tc`)")
+    tag = f"{os.getpid() % 100000}"
+    ns_broker, ns_gate = f"gsb{tag}", f"gsg{tag}"
+    veth_broker, veth_gate = f"gsvb{tag}", f"gsvg{tag}"
+    net = f"10.213.{os.getpid() % 250}"
+    broker_ip, gate_ip = f"{net}.1", f"{net}.2"
+    created: list[str] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    broker: NsBroker | None = None
+    collector: CollectorProc | None = None
+    try:
+        for ns in (ns_broker, ns_gate):
+            r = _ip("netns", "add", ns)
+            if r.returncode != 0:
+                pytest.skip(f"link blackhole: `ip netns add` is not allowed here ({r.stderr.strip()})")
+            created.append(ns)
+        peer = ("peer", "name", veth_gate, "netns", ns_gate)
+        steps = [
+            ("link", "add", veth_broker, "netns", ns_broker, "type", "veth", *peer),
+            ("-n", ns_broker, "addr", "add", f"{broker_ip}/30", "dev", veth_broker),
+            ("-n", ns_gate, "addr", "add", f"{gate_ip}/30", "dev", veth_gate),
+            ("-n", ns_broker, "link", "set", "lo", "up"),
+            ("-n", ns_gate, "link", "set", "lo", "up"),
+            ("-n", ns_broker, "link", "set", veth_broker, "up"),
+            ("-n", ns_gate, "link", "set", veth_gate, "up"),
+        ]
+        for step in steps:
+            r = _ip(*step)
+            if r.returncode != 0:
+                pytest.skip(f"link blackhole: `ip {' '.join(step)}` failed ({r.stderr.strip()})")
+        ends = ((ns_broker, veth_broker), (ns_gate, veth_gate))
+
+        def tc(ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+            return _ip("netns", "exec", ns, "tc", "qdisc", *args)
+
+        # Probe the blackhole qdisc before anything depends on it.
+        r = tc(ns_gate, "add", "dev", veth_gate, "root", "blackhole")
+        if r.returncode != 0:
+            pytest.skip(f"link blackhole: the `blackhole` qdisc is not available ({r.stderr.strip()})")
+        assert tc(ns_gate, "del", "dev", veth_gate, "root").returncode == 0
+
+        broker = NsBroker(tmp_path / "broker", ns_broker, broker_ip, probe_ns=ns_gate).start()
+        collector = CollectorProc(tmp_path, broker, prefix=("ip", "netns", "exec", ns_broker)).start()
+        path = make_gate(
+            tmp_path,
+            broker.port,
+            scenes(10),
+            **{"mqtt.host": broker_ip, "mqtt.keepalive_s": 5, "daemon.drain_timeout_s": 90.0},
+        )
+        extend_replay(tmp_path, 40)
+        cfg = config_mod.load(path)
+        log = tmp_path / "daemon.log"
+        daemon = spawn_daemon(path, log, prefix=("ip", "netns", "exec", ns_gate))
+        procs.append(daemon)
+        assert wait_until(lambda: len(collector.stored(cfg.device.id)) >= 2, 60), collector.tail()
+        for ns, dev in ends:
+            assert tc(ns, "add", "dev", dev, "root", "blackhole").returncode == 0
+        before = len(logged_seqs(log))
+        cut_at = time.monotonic()
+        stored_at_cut = len(collector.stored(cfg.device.id))
+        while time.monotonic() - cut_at < 20:  # bounded: 20 s, whatever happens
+            assert daemon.poll() is None, log.read_text(errors="replace")[-3000:]
+            time.sleep(1)
+        assert len(logged_seqs(log)) - before >= 15, "the gate stopped committing while cut off"
+        # Nothing crossed the link while it was down (a few in flight at the cut may land).
+        assert len(collector.stored(cfg.device.id)) <= stored_at_cut + 25
+        for ns, dev in ends:
+            assert tc(ns, "del", "dev", dev, "root").returncode == 0
+        assert daemon.wait(150) == 0, log.read_text(errors="replace")[-3000:]
+        assert_stored_exactly_once(collector, cfg, logged_seqs(log))
+        assert collector.proc is not None and collector.proc.poll() is None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        if collector is not None:
+            collector.kill()
+        if broker is not None:
+            broker.kill()
+        for ns in created:
+            _ip("netns", "delete", ns)  # takes its veth end with it; the peer goes too
 
 
 @pytest.fixture(autouse=True)
