@@ -484,6 +484,13 @@ class Collector:
         if inserted is None:
             return  # stopping with the batch uncommitted: no acks; the broker or gate resends
         acks = self._account(batch)
+        # Count before acking: whoever sees an ack (a test, an operator) must find it counted.
+        with self._lock:
+            self.stored += inserted
+            self.duplicates += len(messages) - invalid - inserted
+            self.invalid += invalid
+            self.acks_sent += len(acks)
+            self.batches += 1
         for (site, device), body in acks.items():
             topic = f"{self._prefix}/{site}/{device}/ack"
             self._client.publish(topic, json.dumps(body, separators=(",", ":")), qos=1, retain=False)
@@ -494,12 +501,6 @@ class Collector:
             # redelivers the old one on its own (a duplicate, which the store absorbs).
             if qos > 0 and gen == self._current_gen:
                 self._client.ack(mid, qos)
-        with self._lock:
-            self.stored += inserted
-            self.duplicates += len(messages) - invalid - inserted
-            self.invalid += invalid
-            self.acks_sent += len(acks)
-            self.batches += 1
 
     def _insert(self, batch: list[StoredEvent]) -> int | None:
         """Commit the batch, retrying with backoff while the store fails; None if stopping."""
