@@ -276,27 +276,16 @@ class Collector:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
+        from scanner.mqtt import secure
+
         factory = factory or mqtt.Client
-        m = self._config.mqtt
         client = factory(
             CallbackAPIVersion.VERSION2,
             client_id=f"gate-scanner-collector-{self.name}",
             protocol=mqtt.MQTTv5,
             manual_ack=True,  # PUBACK to the broker only after our commit (see module doc)
         )
-        if m.tls:
-            import ssl
-
-            client.tls_set(
-                ca_certs=str(m.ca_file) if m.ca_file else None,
-                certfile=str(m.cert_file) if m.cert_file else None,
-                keyfile=str(m.key_file) if m.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-            client.tls_insecure_set(False)
-        if m.username is not None:
-            client.username_pw_set(m.username, self._config.mqtt_password)
+        secure(client, self._config)
         offline = json.dumps({"schema": STATUS_SCHEMA, "name": self.name, "online": False})
         client.will_set(self._t_status, offline, qos=1, retain=True)
         client.reconnect_delay_set(1, 30)

@@ -563,6 +563,7 @@ def _send(args: argparse.Namespace, envelope: dict[str, Any] | None) -> int:
     from paho.mqtt.properties import Properties
 
     from scanner.config import ConfigError, load
+    from scanner.mqtt import secure
 
     try:
         config = load(args.config)
@@ -578,14 +579,7 @@ def _send(args: argparse.Namespace, envelope: dict[str, Any] | None) -> int:
     subscribed = threading.Event()
     client_id = f"gate-scanner-cmd-{uuid.uuid4().hex[:8]}"
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    if m.tls:
-        client.tls_set(
-            ca_certs=str(m.ca_file) if m.ca_file else None,
-            certfile=str(m.cert_file) if m.cert_file else None,
-            keyfile=str(m.key_file) if m.key_file else None,
-        )
-    if m.username is not None:
-        client.username_pw_set(m.username, config.mqtt_password)
+    secure(client, config)
 
     def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         if not rc.is_failure:

@@ -18,7 +18,6 @@ import json
 import queue
 import re
 import socket
-import ssl
 import sys
 import time
 import tomllib
@@ -32,6 +31,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from scanner.config import Config, ConfigError, from_table
+from scanner.mqtt import secure
 
 LEAVES = ("availability", "status", "health", "checkin")
 REDRAW_S = 1.0
@@ -248,18 +248,7 @@ def _make_client(config: Config) -> mqtt.Client:
     # Never the gate's own id: a second client with it would take over the gate's session.
     client_id = f"monitor-{socket.gethostname()[:20]}-{uuid.uuid4().hex[:8]}"
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
-    if m.tls:
-        # Same rule as the gate: the broker's certificate is always verified.
-        client.tls_set(
-            ca_certs=str(m.ca_file) if m.ca_file else None,
-            certfile=str(m.cert_file) if m.cert_file else None,
-            keyfile=str(m.key_file) if m.key_file else None,
-            cert_reqs=ssl.CERT_REQUIRED,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
-        client.tls_insecure_set(False)
-    if m.username is not None:
-        client.username_pw_set(m.username, config.mqtt_password)
+    secure(client, config)
     client.reconnect_delay_set(1, 30)
     return client
 

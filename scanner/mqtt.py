@@ -70,6 +70,25 @@ ClientFactory = Callable[..., mqtt.Client]
 _Item = tuple[Any, ...]
 
 
+def secure(client: mqtt.Client, config: Config) -> None:
+    """TLS and credentials from ``[mqtt]``, the same for every client this package makes.
+
+    Verification is never optional: a client that talks to any broker leaks check-ins.
+    """
+    m = config.mqtt
+    if m.tls:
+        client.tls_set(
+            ca_certs=str(m.ca_file) if m.ca_file else None,
+            certfile=str(m.cert_file) if m.cert_file else None,
+            keyfile=str(m.key_file) if m.key_file else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+        client.tls_insecure_set(False)
+    if m.username is not None:
+        client.username_pw_set(m.username, config.mqtt_password)
+
+
 class Publisher:
     """Publishes the outbox to the broker and keeps ``availability``/``status`` current."""
 
@@ -133,18 +152,7 @@ class Publisher:
         m = self._config.mqtt
         protocol = mqtt.MQTTv5 if m.protocol == "5" else mqtt.MQTTv311
         client = factory(CallbackAPIVersion.VERSION2, client_id=self._config.device.id, protocol=protocol)
-        if m.tls:
-            # Verification is never optional: a gate that talks to any broker leaks check-ins.
-            client.tls_set(
-                ca_certs=str(m.ca_file) if m.ca_file else None,
-                certfile=str(m.cert_file) if m.cert_file else None,
-                keyfile=str(m.key_file) if m.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-            client.tls_insecure_set(False)
-        if m.username is not None:
-            client.username_pw_set(m.username, self._config.mqtt_password)
+        secure(client, self._config)
         client.will_set(self._t_availability, "offline", qos=1, retain=True)
         client.reconnect_delay_set(1, 60)
         # paho queues beyond its in-flight limit; leave room for availability/status.

@@ -333,6 +333,8 @@ def check_broker(config: Config, *, timeout: float = BROKER_TIMEOUT_S, label: st
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
+    from scanner.mqtt import secure
+
     m = config.mqtt
     where = f"{m.host}:{m.port}{' (TLS)' if m.tls else ''}{label}"
     topic = config.topic("cmd/selftest/reply")
@@ -344,16 +346,7 @@ def check_broker(config: Config, *, timeout: float = BROKER_TIMEOUT_S, label: st
         client_id=f"{config.device.id}-selftest",  # never the daemon's id: that would kick it off
         protocol=mqtt.MQTTv5 if m.protocol == "5" else mqtt.MQTTv311,
     )
-    if m.tls:
-        client.tls_set(
-            ca_certs=str(m.ca_file) if m.ca_file else None,
-            certfile=str(m.cert_file) if m.cert_file else None,
-            keyfile=str(m.key_file) if m.key_file else None,
-            cert_reqs=ssl.CERT_REQUIRED,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
-    if m.username is not None:
-        client.username_pw_set(m.username, config.mqtt_password)
+    secure(client, config)
 
     def on_connect(c: Any, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
         state["connack"] = str(reason)
