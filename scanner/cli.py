@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from scanner import __version__
@@ -83,16 +84,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_config(path: Path) -> Config | None:
+def load_or_report(path: Path, loader: Callable[[Path], Config] = load) -> Config | None:
+    """The config, or None after printing every ``file: key: problem`` line (callers exit 2)."""
     try:
-        return load(path)
+        return loader(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return None
 
 
-def _setup_logging(level: str = "info") -> None:
+def setup_logging(level: str = "info") -> None:
     # journald adds its own timestamps; keep the line short and greppable.
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command
     if command == "check-config":
-        config = _load_config(args.file)
+        config = load_or_report(args.file)
         if config is None:
             return EXIT_USAGE
         print(f"{args.file}: ok (device {config.device.id} at {config.device.site})")
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "selftest":
         from scanner.selftest import run_selftest_command
 
-        _setup_logging("warning")
+        setup_logging("warning")
         return run_selftest_command(args)
     if command == "provision":
         from scanner.provision import run_provision_command
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "demo":
         from scanner.demo import run_demo
 
-        _setup_logging()
+        setup_logging()
         return run_demo(args.workdir)
     if command == "bench" and args.bench == "fuzz":
         from scanner.fuzzbench import bench_fuzz
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "bench" and args.bench in ("decode", "frames"):
         from scanner.decodebench import bench_decode, bench_frames
 
-        _setup_logging("warning")
+        setup_logging("warning")
         if args.bench == "frames":
             print(json.dumps(bench_frames(frames=args.frames), indent=2))
             return EXIT_OK
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "bench":
         from scanner.bench import bench_pipeline
 
-        _setup_logging("warning")
+        setup_logging("warning")
         print(json.dumps(bench_pipeline(frames=args.frames), indent=2))
         return EXIT_OK
     raise AssertionError(command)
@@ -215,10 +217,10 @@ def _decode(images: list[Path], engines: tuple[str, ...]) -> int:
 
 
 def _run(config_path: Path) -> int:
-    config = _load_config(config_path)
+    config = load_or_report(config_path)
     if config is None:
         return EXIT_USAGE
-    _setup_logging(config.daemon.log_level)
+    setup_logging(config.daemon.log_level)
     from scanner.app import App
     from scanner.lists import ListError
 
@@ -244,10 +246,10 @@ def _run(config_path: Path) -> int:
 
 
 def _relay_off(config_path: Path) -> int:
-    config = _load_config(config_path)
+    config = load_or_report(config_path)
     if config is None:
         return EXIT_USAGE
-    _setup_logging(config.daemon.log_level)
+    setup_logging(config.daemon.log_level)
     from scanner.signals import force_relay_off, make_pin_factory
 
     factory = make_pin_factory(config.gpio.pin_factory)

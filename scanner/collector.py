@@ -612,19 +612,13 @@ def add_collect_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def run_collect_command(args: argparse.Namespace) -> int:
     import signal
-    import sys
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    from scanner.cli import load_or_report, setup_logging
+
+    config = load_or_report(args.config, load_config)
+    if config is None:
         return 2
-    logging.basicConfig(
-        level=getattr(logging, config.daemon.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(config.daemon.log_level)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

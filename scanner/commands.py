@@ -562,13 +562,11 @@ def _send(args: argparse.Namespace, envelope: dict[str, Any] | None) -> int:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from scanner.config import ConfigError, load
+    from scanner.cli import load_or_report
     from scanner.mqtt import secure
 
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config = load_or_report(args.config)
+    if config is None:
         return 2
     m = config.mqtt
     root = f"{m.topic_prefix}/{args.site}/{args.device}"

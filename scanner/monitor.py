@@ -374,11 +374,10 @@ def add_monitor_command(sub: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 def run_monitor_command(args: argparse.Namespace) -> int:
-    try:
-        config = load_monitor_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    from scanner.cli import load_or_report
+
+    config = load_or_report(args.config, load_monitor_config)
+    if config is None:
         return 2
     if args.site is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", args.site):
         print(f"--site {args.site!r}: not a valid site name", file=sys.stderr)

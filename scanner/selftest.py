@@ -682,7 +682,7 @@ def add_selftest_command(sub: Any) -> None:
 
 
 def run_selftest_command(args: argparse.Namespace) -> int:
-    from scanner.cli import _load_config
+    from scanner.cli import load_or_report
 
     if args.card is not None:
         try:
@@ -692,7 +692,7 @@ def run_selftest_command(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         print(f"wrote {args.card}" + (f" and its key entry {pub} (use --card-key {pub})" if pub else ""))
         return EXIT_OK
-    config = _load_config(args.config)
+    config = load_or_report(args.config)
     if config is None:
         return EXIT_USAGE
     from scanner.credentials.signed import TrustError, trusted_key_from_json

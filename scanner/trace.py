@@ -193,15 +193,12 @@ def add_trace_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def run_trace_command(args: argparse.Namespace) -> int:
     import sys
 
+    from scanner.cli import load_or_report
     from scanner.collector import load_config
-    from scanner.config import ConfigError
     from scanner.store import StoreError, open_store
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    config = load_or_report(args.config, load_config)
+    if config is None:
         return 2
     try:
         start, end = parse_time(args.start), parse_time(args.end)
