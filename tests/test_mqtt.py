@@ -330,7 +330,9 @@ def test_acl_denied_publish_keeps_row_and_alarms(
 ) -> None:
     acl = tmp_broker_dir / "acl"
     acl.write_text(ACL)
-    with LocalBroker(tmp_broker_dir, extra_config=f"acl_file {acl}") as denying:
+    # Persistence and a persistent subscriber session: after the restart the gate may
+    # reconnect and publish before the subscriber is back; the broker must queue it.
+    with LocalBroker(tmp_broker_dir, persistence=True, extra_config=f"acl_file {acl}") as denying:
         config = make_config(denying, tmp_path)
         outbox = Outbox(tmp_path / "o.db", max_events=100)
         alarms, cleared = Alarms(), threading.Event()
@@ -343,7 +345,7 @@ def test_acl_denied_publish_keeps_row_and_alarms(
         )
         pub.start()
         try:
-            sub = subscribe(config.topic("checkin"), on=denying)
+            sub = subscribe(config.topic("checkin"), on=denying, persistent=True)
             assert pub.wait_connected(5)
             outbox.append(event)
             pub.wake()
@@ -360,7 +362,7 @@ def test_acl_denied_publish_keeps_row_and_alarms(
             denying.restart()
             assert cleared.wait(10), "alarm not cleared after the broker accepted the event"
             assert pub.wait_drained(5)
-            assert sub.wait_for(lambda msgs: len(msgs) >= 1, timeout=5)
+            assert sub.wait_for(lambda msgs: len(msgs) >= 1, timeout=10)
             assert seqs(sub, config.topic("checkin")) == [1]
         finally:
             pub.stop(timeout=2.0)
