@@ -211,7 +211,8 @@ def test_sigkill_with_unsent_rows_then_restart_delivers_everything(tmp_path):
 
 
 def test_sigterm_stops_cleanly_with_relay_off_and_offline(tmp_path):
-    scenes = [(f"person {i}", ALLOWED[0] if i % 3 == 0 else f"V-{i}") for i in range(40)]
+    # Enough scenes (2 s each) that SIGTERM lands mid-run, after the second check-in.
+    scenes = [(f"person {i}", ALLOWED[0] if i % 3 == 0 else f"V-{i}") for i in range(10)]
     with LocalBroker(tmp_path / "broker") as broker, Subscriber(broker, "gate/#") as sub:
         cfg = configure(tmp_path, broker.port, scenes)
         log = tmp_path / "daemon.log"
