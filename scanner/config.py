@@ -195,7 +195,10 @@ class MqttConfig:
     port: int = _opt(1883, "broker port", min=1, max=65535)
     topic_prefix: str = _opt("gate", "first topic segment", pattern=_NAME)
     protocol: Literal["5", "3.1.1"] = _opt("5", "MQTT protocol version")
-    keepalive_s: int = _opt(30, "MQTT keepalive", min=5, max=3600)
+    # mosquitto refuses MQTT 3.1.1 clients above its max_keepalive (300 in deploy/).
+    keepalive_s: int = _opt(
+        30, "MQTT keepalive; at most 300, the shipped broker's max_keepalive", min=5, max=300
+    )
     tls: bool = _opt(False, "connect with TLS; needs ca_file")
     ca_file: Path | None = _opt(None, "CA bundle that signed the broker certificate", must_exist=True)
     cert_file: Path | None = _opt(None, "client certificate (PEM)", must_exist=True)

@@ -34,6 +34,7 @@ import json
 import logging
 import queue
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -266,7 +267,10 @@ class Publisher:
         self._queue.put(("connect", bool(getattr(flags, "session_present", False)), receive_max))
 
     def _cb_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._queue.put(("connect_fail",))
+        # paho calls this from inside its ``except OSError`` and passes no reason; the
+        # exception being handled is the only place that says *why* (refused, timed out,
+        # certificate expired, wrong CA, name not resolved).
+        self._queue.put(("connect_fail", sys.exc_info()[1]))
 
     def _cb_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
@@ -345,10 +349,7 @@ class Publisher:
                     log.error("%s", detail)
                     self._alarm("connect_refused", detail)
                 elif kind == "connect_fail":
-                    # paho retries with backoff up to 60 s; say it once per outage, not every retry.
-                    level = logging.DEBUG if fail_logged else logging.WARNING
-                    log.log(level, "cannot reach broker at %s; retrying", self._where)
-                    fail_logged = True
+                    fail_logged = self._on_connect_fail(item[1], fail_logged)
                 elif kind == "suback":
                     if not any(rc.is_failure for rc in item[1]):
                         self._subscribed.set()
@@ -376,10 +377,31 @@ class Publisher:
                 self._fill()
         log.debug("publisher thread exiting")
 
+    def _on_connect_fail(self, exc: BaseException | None, logged: bool) -> bool:
+        """Say why the broker cannot be reached, once per outage; returns ``logged``.
+
+        A TLS failure is an alarm, not just a network blip: an expired certificate or a
+        wrong CA does not heal by retrying, and it looks exactly like a dead link otherwise.
+        """
+        if isinstance(exc, ssl.SSLError):
+            reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            detail = f"TLS to {self._where} failed: {reason}"
+            if not logged:
+                log.error("%s; check the clock, ca_file and the device certificate; retrying", detail)
+            if "tls_failed" not in self._active_alarms:
+                self._alarm("tls_failed", detail)
+            return True
+        # paho retries with backoff up to 60 s; say it once per outage, not every retry.
+        level = logging.DEBUG if logged else logging.WARNING
+        why = f": {exc}" if exc is not None else ""
+        log.log(level, "cannot reach broker at %s%s; retrying", self._where, why)
+        return True
+
     def _on_connect(self, session_present: bool, receive_max: int | None) -> None:
         log.info("connected to %s (session present: %s)", self._where, session_present)
         self._online = True
         self._clear_alarm("connect_refused")
+        self._clear_alarm("tls_failed")
         # Leave room for availability and status next to the check-ins.
         self._window = self._max_window
         if receive_max is not None:

@@ -40,6 +40,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path):
         (MINIMAL + "[gpio]\nrelay_pin = 99\n", "gpio.relay_pin: 99 is out of range 0..53"),
         (MINIMAL + "[gpio]\nrelay_active_high = 1\n", "gpio.relay_active_high: expected true or false"),
         (MINIMAL + "[mqtt]\nport = 70000\n", "mqtt.port: 70000 is out of range"),
+        (MINIMAL + "[mqtt]\nkeepalive_s = 3600\n", "mqtt.keepalive_s: 3600 is out of range 5..300"),
         (MINIMAL + '[mqtt]\nprotocol = "4"\n', "mqtt.protocol: must be one of"),
         (MINIMAL + '[decoder]\nengines = ["zxing", "opencv"]\n', "decoder.engines: unknown 'opencv'"),
         (MINIMAL + '[policy]\naccept = ["plain", "plain"]\n', "policy.accept: lists a value twice"),

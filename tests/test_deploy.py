@@ -433,11 +433,26 @@ def test_gate_refuses_a_broker_certificate_from_another_ca(certs: Path, rogue: P
             ctx.wrap_socket(raw, server_hostname="localhost").close()
         outbox = Outbox(tmp_path / "outbox.db", max_events=100)
         outbox.append(checkin)
-        pub = Publisher(gate_config(impostor, certs, tmp_path), outbox, status=lambda: {}).start()
+        alarms: list[tuple[str, str]] = []
+        raised = threading.Event()
+
+        def on_alarm(kind: str, detail: str) -> None:
+            alarms.append((kind, detail))
+            raised.set()
+
+        pub = Publisher(
+            gate_config(impostor, certs, tmp_path), outbox, status=lambda: {}, on_alarm=on_alarm
+        ).start()
         try:
             assert not pub.wait_connected(2.0)  # no fallback to an unverified connection
+            # Said as what it is, not as a dead link: retrying will not fix a wrong CA.
+            assert raised.wait(5), "no alarm for a broker certificate the fleet CA did not sign"
+            assert alarms[0][0] == "tls_failed"
+            assert "certificate verify failed" in alarms[0][1] or "unable to get local issuer" in alarms[0][1]
+            assert f"localhost:{impostor.port}" in alarms[0][1]
         finally:
             pub.stop(timeout=1.0)
+        assert [kind for kind, _ in alarms] == ["tls_failed"]  # once, not once per retry
         assert [seq for seq, _ in outbox.pending()] == [1]
         outbox.close()
         assert "New client connected" not in impostor.log_tail(200)
