@@ -370,7 +370,9 @@ class Collector:
         self._queue.put(("connect", bool(getattr(flags, "session_present", False)), self._gen))
 
     def _cb_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._queue.put(("connect_fail",))
+        from scanner.mqtt import connect_failure
+
+        self._queue.put(("connect_fail", *connect_failure()))
 
     def _cb_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
@@ -434,6 +436,7 @@ class Collector:
                         if rc.is_failure:
                             log.error("subscription %s refused: %s", self.subscription, rc)
                         else:
+                            log.info("subscribed to %s", self.subscription)
                             self._subscribed.set()
                     self._publish_status(force=True)
                 elif kind == "disconnect":
@@ -443,8 +446,13 @@ class Collector:
                 elif kind == "refused":
                     log.error("broker %s refused the connection: %s", self._where, item[1])
                 elif kind == "connect_fail":
-                    level = logging.DEBUG if fail_logged else logging.WARNING
-                    log.log(level, "cannot reach broker at %s; retrying", self._where)
+                    _, tls, reason = item
+                    if tls:  # does not heal by retrying: an error, not a network blip
+                        level = logging.DEBUG if fail_logged else logging.ERROR
+                        log.log(level, "TLS to %s failed: %s; retrying", self._where, reason)
+                    else:
+                        level = logging.DEBUG if fail_logged else logging.WARNING
+                        log.log(level, "cannot reach broker at %s: %s; retrying", self._where, reason)
                     fail_logged = True
             if messages:
                 try:

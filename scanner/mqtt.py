@@ -90,6 +90,22 @@ def secure(client: mqtt.Client, config: Config) -> None:
         client.username_pw_set(m.username, config.mqtt_password)
 
 
+TLS_ADVICE = "check the clock, ca_file and the device certificate"
+
+
+def connect_failure() -> tuple[bool, str]:
+    """``(is_tls, reason)`` for the connection attempt that just failed.
+
+    Call it only from paho's ``on_connect_fail``: paho passes that callback no reason but
+    calls it from inside its ``except OSError``, so the exception being handled says why
+    (refused, timed out, name not resolved, certificate expired, wrong CA).
+    """
+    exc = sys.exc_info()[1]
+    if isinstance(exc, ssl.SSLError):
+        return True, getattr(exc, "verify_message", None) or exc.reason or str(exc)
+    return False, str(exc) if exc is not None else "no reason given"
+
+
 class Publisher:
     """Publishes the outbox to the broker and keeps ``availability``/``status`` current."""
 
@@ -267,10 +283,7 @@ class Publisher:
         self._queue.put(("connect", bool(getattr(flags, "session_present", False)), receive_max))
 
     def _cb_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        # paho calls this from inside its ``except OSError`` and passes no reason; the
-        # exception being handled is the only place that says *why* (refused, timed out,
-        # certificate expired, wrong CA, name not resolved).
-        self._queue.put(("connect_fail", sys.exc_info()[1]))
+        self._queue.put(("connect_fail", *connect_failure()))
 
     def _cb_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
@@ -349,7 +362,7 @@ class Publisher:
                     log.error("%s", detail)
                     self._alarm("connect_refused", detail)
                 elif kind == "connect_fail":
-                    fail_logged = self._on_connect_fail(item[1], fail_logged)
+                    fail_logged = self._on_connect_fail(item[1], item[2], fail_logged)
                 elif kind == "suback":
                     if not any(rc.is_failure for rc in item[1]):
                         self._subscribed.set()
@@ -377,24 +390,22 @@ class Publisher:
                 self._fill()
         log.debug("publisher thread exiting")
 
-    def _on_connect_fail(self, exc: BaseException | None, logged: bool) -> bool:
+    def _on_connect_fail(self, tls: bool, reason: str, logged: bool) -> bool:
         """Say why the broker cannot be reached, once per outage; returns ``logged``.
 
         A TLS failure is an alarm, not just a network blip: an expired certificate or a
         wrong CA does not heal by retrying, and it looks exactly like a dead link otherwise.
         """
-        if isinstance(exc, ssl.SSLError):
-            reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+        if tls:
             detail = f"TLS to {self._where} failed: {reason}"
             if not logged:
-                log.error("%s; check the clock, ca_file and the device certificate; retrying", detail)
+                log.error("%s; %s; retrying", detail, TLS_ADVICE)
             if "tls_failed" not in self._active_alarms:
                 self._alarm("tls_failed", detail)
             return True
         # paho retries with backoff up to 60 s; say it once per outage, not every retry.
         level = logging.DEBUG if logged else logging.WARNING
-        why = f": {exc}" if exc is not None else ""
-        log.log(level, "cannot reach broker at %s%s; retrying", self._where, why)
+        log.log(level, "cannot reach broker at %s: %s; retrying", self._where, reason)
         return True
 
     def _on_connect(self, session_present: bool, receive_max: int | None) -> None:

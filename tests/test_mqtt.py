@@ -19,7 +19,7 @@ import pytest
 
 from scanner.config import Config, from_table
 from scanner.localbroker import LocalBroker
-from scanner.mqtt import Publisher
+from scanner.mqtt import Publisher, connect_failure
 from scanner.outbox import Outbox
 from tests.conftest import unique_name
 from tests.mqtt_helpers import Subscriber, wait_until
@@ -569,3 +569,18 @@ def test_tls_with_client_certificate_and_password(tmp_broker_dir: Path, tmp_path
         finally:
             pub.stop()
             outbox.close()
+
+
+def test_connect_failure_reads_the_cause_paho_does_not_pass(tmp_path: Path) -> None:
+    # paho calls on_connect_fail inside its `except OSError`: the cause is the exception
+    # being handled. Exercised through a real socket, as paho's reconnect would fail.
+    reasons: list[tuple[bool, str]] = []
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]  # bound, never listening: refused
+        try:
+            socket.create_connection(("127.0.0.1", closed_port), timeout=2)
+        except OSError:
+            reasons.append(connect_failure())
+    assert reasons == [(False, "[Errno 111] Connection refused")]
+    assert connect_failure() == (False, "no reason given")  # called outside an except
