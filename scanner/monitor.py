@@ -31,7 +31,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from scanner.config import Config, ConfigError, from_table
-from scanner.mqtt import secure
+from scanner.mqtt import connect_failure, secure
 
 LEAVES = ("availability", "status", "health", "checkin")
 REDRAW_S = 1.0
@@ -296,7 +296,7 @@ def run(
         inbox.put(("msg", (msg.topic, bytes(msg.payload), bool(msg.retain))))
 
     def on_connect_fail(_c: mqtt.Client, _u: Any) -> None:
-        inbox.put(("connect_fail", None))
+        inbox.put(("connect_fail", connect_failure()))
 
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
@@ -326,15 +326,19 @@ def run(
                 status = 1
                 break
             if kind == "connect_fail" and not fail_said:
-                print(f"monitor: cannot reach broker at {where}; retrying", file=err)
+                tls, reason = value
+                what = "TLS failed" if tls else "cannot reach broker"
+                print(f"monitor: {what} at {where}: {reason}; retrying", file=err)
                 fail_said = True
             elif kind == "connected":
                 fail_said = False
-                print(f"monitor: connected to {where}, watching {', '.join(mon.topics())}", file=err)
+                print(f"monitor: connected to {where}", file=err)
             elif kind == "suback":
                 refused = [str(rc) for rc in value if rc.is_failure]
                 if refused:
                     print(f"monitor: subscriptions refused by {where}: {', '.join(refused)}", file=err)
+                else:  # only from here on does the broker route messages to us
+                    print(f"monitor: watching {', '.join(mon.topics())}", file=err)
             elif kind == "msg":
                 row, line = mon.handle(*value)
                 if row is not None:

@@ -507,8 +507,9 @@ def test_monitor_with_the_operator_certificate(
     site = f"mon-{uuid.uuid4().hex[:6]}"
     mon = MonitorProcess(config, "--site", site, "--count", "1", "--duration", "20", stderr=tmp_path / "err")
     try:
-        assert wait_until(lambda: "connected to" in (tmp_path / "err").read_text(), 10)
-        assert gate.publish(f"gate/{site}/gate-01/availability", b"online") in (0, 0x10)
+        assert wait_until(lambda: "monitor: watching" in (tmp_path / "err").read_text(), 10)
+        # "watching" comes after the SUBACK: the broker routes this to the monitor.
+        assert gate.publish(f"gate/{site}/gate-01/availability", b"online") == 0
         mon.until(lambda lines: any(o.get("availability") == "online" for o in lines))
         body = {"decision": "accepted", "reason": "ok", "credential": {"type": "plain", "subject": "ab" * 16}}
         assert gate.publish(f"gate/{site}/gate-01/checkin", json.dumps(body)) == 0

@@ -54,10 +54,18 @@ def scenes(n: int, allowed_every: int = 4) -> list[tuple[str, str]]:
     ]
 
 
-def make_gate(workdir: Path, port: int, codes: list[tuple[str, str]], **overrides: object) -> Path:
+def make_gate(
+    workdir: Path,
+    port: int,
+    codes: list[tuple[str, str]],
+    *,
+    hold_s: float = HOLD_S,
+    gap_s: float = GAP_S,
+    **overrides: object,
+) -> Path:
     """A demo gate over short scenes, delivering to the collector; returns its config path."""
     path = write_demo_files(workdir, broker_port=port, scenes=[], fps=FPS)
-    synth.demo_frames(workdir / "frames", codes, fps=FPS, hold_s=HOLD_S, gap_s=GAP_S)
+    synth.demo_frames(workdir / "frames", codes, fps=FPS, hold_s=hold_s, gap_s=gap_s)
     table = _table(
         path,
         {
@@ -69,7 +77,10 @@ def make_gate(workdir: Path, port: int, codes: list[tuple[str, str]], **override
             # as rejects, and no decision depends on which run saw a code first.
             "policy.anti_passback_s": 0.0,
             "gpio.relay_pulse_s": 0.1,
-            "daemon.drain_timeout_s": 30.0,
+            # Longer than the gate's ack timeout (30 s) plus a tick: after a broker restart
+            # the gate may resend before the collector has resubscribed (no persistence, so
+            # the broker drops those), and only the ack-timeout resend recovers them.
+            "daemon.drain_timeout_s": 60.0,
             **overrides,
         },
     )
@@ -445,7 +456,17 @@ def test_clock_jumps_a_day_forward_and_back(tmp_path: Path, collector_env) -> No
         ("v4", "VISITOR-4"),
         ("v5", "VISITOR-5"),
     ]
-    path = make_gate(tmp_path, broker.port, codes, **{"policy.anti_passback_s": 600.0})
+    # This test counts scans exactly (the clock schedule is per call), so the scenes are
+    # long enough that a pipeline stall on a loaded machine neither splits a scene into two
+    # scans (gone_after_s) nor skips one (hold_s).
+    path = make_gate(
+        tmp_path,
+        broker.port,
+        codes,
+        hold_s=0.5,
+        gap_s=0.8,
+        **{"policy.anti_passback_s": 600.0, "track.gone_after_s": 0.5},
+    )
     cfg = config_mod.load(path)
     factory = MockFactory()
     try:
@@ -460,8 +481,8 @@ def test_clock_jumps_a_day_forward_and_back(tmp_path: Path, collector_env) -> No
             "SELECT seq, ts, decision, reason FROM checkins WHERE device = ? ORDER BY seq", (cfg.device.id,)
         ).fetchall()
     assert [r[0] for r in rows] == list(range(1, len(codes) + 1))  # ordered by seq, whatever ts says
-    today = datetime.now(UTC).date()
-    days = {(datetime.fromisoformat(r[1].replace("Z", "+00:00")).date() - today).days for r in rows}
+    dates = [datetime.fromisoformat(r[1].replace("Z", "+00:00")).date() for r in rows]
+    days = {(d - dates[0]).days for d in dates}  # the first scans are on the real clock
     assert {1, -1} <= days, days  # the jumps happened (±1, and 0 for the first scans)
     # Anti-passback runs on the monotonic clock: neither a day forward nor a day back lets the
     # same code in again within the window.
