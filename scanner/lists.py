@@ -45,10 +45,35 @@ class ListInfo:
         return None if self.issued is None else (now - self.issued).total_seconds()
 
 
+# A subject pseudonym as events carry it (events.Pseudonymizer): 32 hex digits. A list entry
+# of that shape matches only a credential's pseudonym, never its raw text: pseudonyms are
+# published in every event, and a plain code that spells one must not pass for its holder.
+_PSEUDONYM = re.compile(rb"[0-9a-fA-F]{32}")
+
+
+def id_key(raw: bytes) -> bytes:
+    """How revocation entries and credential ids compare: case-insensitive, and a DCC's
+    UVCI with or without its ``URN:UVCI:`` prefix."""
+    return raw.strip().upper().removeprefix(b"URN:UVCI:")
+
+
 @dataclass(frozen=True, slots=True)
 class TextList:
     entries: frozenset[bytes]
     info: ListInfo
+    raw: frozenset[bytes] = field(init=False)  # compared with a credential's identity
+    pseudonyms: frozenset[bytes] = field(init=False)  # lower-case hex, compared with its subject
+    ids: frozenset[bytes] = field(init=False)  # id_key() of each entry, for revocation
+
+    def __post_init__(self) -> None:
+        pseudonyms = {e for e in self.entries if _PSEUDONYM.fullmatch(e)}
+        object.__setattr__(self, "raw", self.entries - pseudonyms)
+        object.__setattr__(self, "pseudonyms", frozenset(e.lower() for e in pseudonyms))
+        object.__setattr__(self, "ids", frozenset(id_key(e) for e in self.entries))
+
+    def matches(self, identity: bytes, subject: str | None) -> bool:
+        """Is this credential listed, by its raw identity or by its pseudonym?"""
+        return identity in self.raw or (subject is not None and subject.lower().encode() in self.pseudonyms)
 
 
 def parse_time(text: str) -> datetime:
@@ -60,7 +85,9 @@ def parse_time(text: str) -> datetime:
 
 def read_text_list(name: str, path: Path) -> TextList:
     try:
-        lines = path.read_bytes().splitlines()
+        # Windows editors save a BOM: left in, it would glue itself to the first entry or
+        # hide the '# issued:' header.
+        lines = path.read_bytes().removeprefix(b"\xef\xbb\xbf").splitlines()
     except OSError as exc:
         raise ListError(f"{path}: cannot read {name}: {exc.strerror or exc}") from exc
     meta: dict[str, str] = {}
@@ -111,15 +138,17 @@ class TrustData:
         }
 
     def stale(self, now: datetime, max_age_s: float, names: frozenset[str]) -> list[str]:
-        """Names of the lists among ``names`` older than ``max_age_s`` (0: nothing is ever stale)."""
+        """Names of the lists among ``names`` older than ``max_age_s`` (0: nothing is ever stale).
+
+        A list that does not say when it was issued counts as stale: its age is unknown, and
+        a gate that must not trust old lists cannot assume it is new.
+        """
         if max_age_s <= 0:
             return []
         return [
             info.name
             for info in self.infos
-            if info.name in names
-            and info.issued is not None
-            and (now - info.issued).total_seconds() > max_age_s
+            if info.name in names and (info.issued is None or (now - info.issued).total_seconds() > max_age_s)
         ]
 
 

@@ -76,8 +76,9 @@ class Credential:
 
     type: CredentialType
     identity: bytes = field(repr=False)
-    # The credential itself (a pass id, a DCC certificate id), as opposed to the person:
-    # revocation and anti-passback key on it. Not personal data, but kept out of logs anyway.
+    # The credential itself, as opposed to the person, as printable text (a pass id in hex,
+    # a DCC's UVCI): revocation lists name it and anti-passback keys on it. Not personal
+    # data, but kept out of logs anyway.
     credential_id: bytes = field(default=b"", repr=False)
     issuer: str | None = None
     valid_from: datetime | None = None

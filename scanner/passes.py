@@ -282,7 +282,7 @@ def _describe(credential: Credential, show_subject: bool) -> dict[str, Any]:
         "detail": credential.detail,
         "type": str(credential.type),
         "issuer": credential.issuer,
-        "pass_id": credential.credential_id.hex() or None,
+        "pass_id": credential.credential_id.decode() or None,
         "valid_from": _rfc3339(credential.valid_from),
         "valid_until": _rfc3339(credential.valid_until),
         "site": credential.site,

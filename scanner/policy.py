@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from scanner.config import Config
-from scanner.lists import TrustData
+from scanner.lists import TrustData, id_key
 from scanner.models import Credential, CredentialType, Decision, Reason
 
 STALE_FLAG = "stale_trust_data"
@@ -64,17 +64,13 @@ def decide(
         return reject(credential.problem)
     if credential.type not in rules.accept:
         return reject(Reason.TYPE_NOT_ACCEPTED, f"{credential.type} is not accepted here")
-    keys = {credential.identity}
-    if subject:
-        keys.add(subject.encode())
     # Deny beats everything else: a banned badge must not pass because it is also allowed.
-    if trust.deny is not None and keys & trust.deny.entries:
+    if trust.deny is not None and trust.deny.matches(credential.identity, subject):
         return reject(Reason.DENYLISTED)
-    if trust.revoked is not None and credential.credential_id:
-        ids = {credential.credential_id, credential.credential_id.hex().encode()}
-        if ids & trust.revoked.entries:
-            return reject(Reason.REVOKED)
-    if trust.allow is not None and not keys & trust.allow.entries:
+    revoked = trust.revoked
+    if revoked is not None and credential.credential_id and id_key(credential.credential_id) in revoked.ids:
+        return reject(Reason.REVOKED)
+    if trust.allow is not None and not trust.allow.matches(credential.identity, subject):
         return reject(Reason.NOT_ALLOWLISTED)
     if credential.valid_from is not None and now < credential.valid_from:
         return reject(Reason.NOT_YET_VALID)

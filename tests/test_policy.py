@@ -79,7 +79,7 @@ def test_type_not_accepted():
 
 
 def signed(**kw) -> Credential:
-    return Credential(CredentialType.SIGNED, b"subject-1", credential_id=bytes.fromhex("0a0b0c"), **kw)
+    return Credential(CredentialType.SIGNED, b"subject-1", credential_id=b"0a0b0c", **kw)
 
 
 def test_validity_window_and_site():
@@ -92,7 +92,36 @@ def test_validity_window_and_site():
 
 def test_revocation_by_credential_id_in_hex():
     assert check(signed(), trust=TrustData(revoked=text_list("revocation", b"0a0b0c"))) == Reason.REVOKED
+    # Hex copied from a spreadsheet is often upper case: it revokes all the same.
+    assert check(signed(), trust=TrustData(revoked=text_list("revocation", b"0A0B0C"))) == Reason.REVOKED
     assert check(signed(), trust=TrustData(revoked=text_list("revocation", b"ffffff"))) == Reason.OK
+
+
+def test_dcc_revocation_by_uvci_with_or_without_its_urn_prefix():
+    dcc = Credential(CredentialType.DCC, b"dcc-identity", credential_id=b"URN:UVCI:01:VN:ABC123#X")
+    for entry in (b"URN:UVCI:01:VN:ABC123#X", b"01:VN:ABC123#X", b"urn:uvci:01:vn:abc123#x"):
+        assert check(dcc, trust=TrustData(revoked=text_list("revocation", entry))) == Reason.REVOKED, entry
+    assert check(dcc, trust=TrustData(revoked=text_list("revocation", b"01:VN:OTHER"))) == Reason.OK
+
+
+def test_a_plain_code_that_spells_a_listed_pseudonym_is_not_its_holder():
+    # Pseudonyms are published in every event: printing one as a plain QR must not open the
+    # gate for (or dodge the ban of) the person it stands for.
+    pseudonym = "c5425260" * 4
+    allow = TrustData(allow=text_list("allowlist", pseudonym.encode()))
+    assert decide(pseudonym.encode(), trust=allow).reason == Reason.NOT_ALLOWLISTED
+    assert decide(b"EMP-1", trust=allow, subject=pseudonym).reason == Reason.OK
+    # Listed in upper case, the pseudonym still matches its holder.
+    upper = TrustData(deny=text_list("denylist", pseudonym.upper().encode()))
+    assert decide(b"EMP-1", trust=upper, subject=pseudonym).reason == Reason.DENYLISTED
+
+
+def test_a_list_with_no_issue_time_is_stale_when_ages_matter():
+    undated = text_list("pass_trust", issued=None)
+    trust = TrustData(infos=(undated.info,))
+    strict = policy.Rules(accept=ALL, site="s1", max_list_age_s=24 * 3600)
+    assert check(signed(), trust=trust, rules=strict) == Reason.STALE_TRUST_DATA
+    assert check(signed(), trust=trust) == Reason.OK  # max_list_age_s 0: ages never matter
 
 
 def test_anti_passback_window():
@@ -124,6 +153,10 @@ def test_list_files_carry_version_and_issue_time(tmp_path):
     assert loaded.info.version == "7" and loaded.info.issued == datetime(2026, 11, 28, 6, tzinfo=UTC)
     trust = TrustData(allow=loaded, infos=(loaded.info,))
     assert trust.ages(NOW)["allowlist"]["age_s"] == 26 * 3600
+    # A byte-order mark (Windows editors) must not hide the header or the first entry.
+    path.write_bytes(b"\xef\xbb\xbf# issued: 2026-11-28T06:00:00Z\nEMP-0003\n")
+    loaded = lists.read_text_list("allowlist", path)
+    assert loaded.entries == {b"EMP-0003"} and loaded.info.issued is not None
     path.write_bytes(b"# issued: yesterday\nX\n")
     with pytest.raises(lists.ListError, match=r"allow\.txt"):
         lists.read_text_list("allowlist", path)

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import logging
 import math
@@ -114,9 +115,15 @@ class DccError(Exception):
 # Stages: each takes the previous stage's output and raises DccError (never anything else).
 
 
+def has_prefix(payload: bytes) -> bool:
+    """``HC1:`` in any case: a lower-case prefix is still a health certificate (malformed,
+    if its Base45 is lower case too), never a plain code."""
+    return payload[: len(PREFIX)].upper() == PREFIX
+
+
 def unprefix(payload: bytes) -> bytes:
     """The Base45 text after ``HC1:``."""
-    if not payload.startswith(PREFIX):
+    if not has_prefix(payload):
         raise DccError(Reason.MALFORMED, "no HC1: prefix")
     return payload[len(PREFIX) :]
 
@@ -584,6 +591,19 @@ def _aware(moment: datetime) -> datetime:
 # The parser
 
 
+def certificate_id_of(hcert: Mapping[Any, Any]) -> bytes:
+    """The certificate's UVCI (``ci`` of its v, t or r entry), which revocation lists name;
+    empty if it has none (such a certificate cannot be revoked by id)."""
+    for kind in ("v", "t", "r"):
+        entries = hcert.get(kind)
+        if isinstance(entries, list | tuple):
+            for entry in entries:
+                ci = entry.get("ci") if isinstance(entry, Mapping) else None
+                if isinstance(ci, str) and 0 < len(ci) <= 80:
+                    return ci.strip().encode("utf-8")
+    return b""
+
+
 def identity_of(hcert: Mapping[Any, Any]) -> bytes:
     """Stable identity bytes: transliterated family/given name and date of birth, normalised.
 
@@ -619,7 +639,7 @@ class DccVerifier:
         self.skew = skew
 
     def parse(self, payload: bytes, now: datetime) -> Credential | None:
-        if not payload.startswith(PREFIX):
+        if not has_prefix(payload):
             return None
         issuer = None
         try:
@@ -630,6 +650,7 @@ class DccVerifier:
             valid_until = check_times(cose, signer, now, self.skew)
             hcert = hcert_of(cose)
             identity = identity_of(hcert)
+            certificate_id = certificate_id_of(hcert)
             if self.rules is not None:
                 content_end = apply_rules(hcert, self.rules, now, self.skew)
                 if content_end is not None:
@@ -646,7 +667,9 @@ class DccVerifier:
                 problem=Reason.MALFORMED,
                 detail=f"verifier error: {type(exc).__name__}",
             )
-        return Credential(CredentialType.DCC, identity, issuer=issuer, valid_until=valid_until)
+        return Credential(
+            CredentialType.DCC, identity, credential_id=certificate_id, issuer=issuer, valid_until=valid_until
+        )
 
     @staticmethod
     def _base45(payload: bytes) -> bytes:
@@ -679,8 +702,26 @@ def _claim_country(cose: CoseSign1) -> str:
     return iss if isinstance(iss, str) and len(iss) <= 3 else "??"
 
 
+def _refuse_tag(decoder: Any) -> Any:
+    raise cbor2.CBORDecodeError("semantic tag not used by health certificates")
+
+
+# Tags whose cbor2 decoders parse MIME, compile regexes, build sets or share references:
+# none occurs in a health certificate, and they run before any signature is checked (a
+# 136-character code of MIME tags took 100 ms to decode).
+_REFUSED_TAGS = MappingProxyType(
+    {tag: _refuse_tag for tag in (4, 5, 25, 28, 29, 30, 35, 36, 37, 256, 258, 260, 261)}
+)
+
+
 def _cbor(data: bytes, what: str) -> Any:
+    """One CBOR item that is the whole of ``data``: bytes after it would let one certificate
+    travel as many different codes. Duplicate map keys are refused (which alg wins?)."""
+    fp = io.BytesIO(data)
     try:
-        return cbor2.loads(data)
+        decoded = cbor2.CBORDecoder(fp, semantic_decoders=_REFUSED_TAGS, allow_duplicate_keys=False).decode()
     except Exception:  # cbor2 raises CBORDecodeError, ValueError, RecursionError, ... on bad input
         raise DccError(Reason.MALFORMED, f"{what}: not valid CBOR") from None
+    if fp.tell() != len(data):
+        raise DccError(Reason.MALFORMED, f"{what}: {len(data) - fp.tell()} bytes after the CBOR item")
+    return decoded

@@ -377,7 +377,7 @@ class PassVerifier:
         return Credential(
             CredentialType.SIGNED,
             body.subject,
-            credential_id=body.pass_id,
+            credential_id=body.pass_id.hex().encode(),
             issuer=issuer,
             valid_from=body.valid_from,
             valid_until=body.valid_until,
