@@ -62,6 +62,8 @@ REFUSED_BACKOFF_MIN_S = 1.0
 # it waits for ack progress before sending everything unacked again.
 UNACKED_MAX = 5000
 ACK_TIMEOUT_S = 30.0
+RESEND_MAX_S = 600.0
+ACK_MAX_BYTES = 64 * 1024  # 32 ranges of two 19-digit seqs fit a hundred times over
 REFUSED_BACKOFF_MAX_S = 60.0
 
 ClientFactory = Callable[..., mqtt.Client]
@@ -162,6 +164,15 @@ class Publisher:
         self._backoff = REFUSED_BACKOFF_MIN_S
         self._offline_mid: int | None = None
         self._outbox_failing = False
+        self._fail_logged = False  # said why the broker cannot be reached, this outage
+        # The highest seq handed to paho by this process: an ack can only be about what was
+        # sent. An ack beyond it (a collector that still holds seqs from before this gate's
+        # state was lost, a hostile client) must not delete rows nobody has received.
+        self._highest_sent = 0
+        # delivery="collector": how long acks may stall before everything unacked is sent
+        # again; doubles while the collector stays silent, so a dead collector does not cost
+        # a full resend over 3G every ack_timeout_s.
+        self._resend_after_s = ack_timeout_s
 
         self._client = self._make_client(client_factory or mqtt.Client)
 
@@ -326,7 +337,6 @@ class Publisher:
 
     def _run(self) -> None:
         stop_deadline: float | None = None
-        fail_logged = False
         while True:
             now = time.monotonic()
             if stop_deadline is not None:
@@ -348,47 +358,57 @@ class Publisher:
                     break
             removable: list[int] = []
             for item in items:
-                kind = item[0]
-                if kind == "puback":
-                    self._on_puback(item[1], item[2], removable)
-                elif kind == "connect":
-                    fail_logged = False
-                    self._on_connect(item[1], item[2])
-                elif kind == "disconnect":
-                    self._on_disconnect(item[1])
-                elif kind == "refused":
-                    # paho retries with backoff; a refusal (bad password, banned id) needs a human.
-                    detail = f"broker {self._where} refused the connection: {item[1]} ({item[1].value:#x})"
-                    log.error("%s", detail)
-                    self._alarm("connect_refused", detail)
-                elif kind == "connect_fail":
-                    fail_logged = self._on_connect_fail(item[1], item[2], fail_logged)
-                elif kind == "suback":
-                    if not any(rc.is_failure for rc in item[1]):
-                        self._subscribed.set()
-                    for rc in item[1]:
-                        if rc.is_failure:
-                            log.error("subscription to %s or %s refused: %s", self._t_ack, self._t_cmd, rc)
-                elif kind == "ack":
-                    self._on_ack(item[1])
-                elif kind == "wake":
-                    self._wake_pending.clear()
-                elif kind == "status":
-                    if self._online:
-                        self._send_status()
-                elif kind == "health":
-                    if self._online:
-                        self._client.publish(self._t_health, item[1], qos=0, retain=True)
-                elif kind == "reply":
-                    self._send_reply(item[1], item[2], item[3])
-                elif kind == "stop" and stop_deadline is None:
-                    stop_deadline = item[1]
-                    self._begin_stop()
+                try:
+                    stop_deadline = self._handle(item, removable, stop_deadline)
+                except Exception:
+                    # One bad item (a hostile ack, a bug) must not end the only thread that
+                    # publishes: check-ins would pile up unseen behind a healthy-looking gate.
+                    log.exception("publisher: handling %s failed; carrying on", item[0])
             if removable:
                 self._remove(removable)
             if stop_deadline is None:
                 self._fill()
         log.debug("publisher thread exiting")
+
+    def _handle(self, item: _Item, removable: list[int], stop_deadline: float | None) -> float | None:
+        """One queue item, on the publisher thread; returns the (possibly new) stop deadline."""
+        kind = item[0]
+        if kind == "puback":
+            self._on_puback(item[1], item[2], removable)
+        elif kind == "connect":
+            self._fail_logged = False
+            self._on_connect(item[1], item[2])
+        elif kind == "disconnect":
+            self._on_disconnect(item[1])
+        elif kind == "refused":
+            # paho retries with backoff; a refusal (bad password, banned id) needs a human.
+            detail = f"broker {self._where} refused the connection: {item[1]} ({item[1].value:#x})"
+            log.error("%s", detail)
+            self._alarm("connect_refused", detail)
+        elif kind == "connect_fail":
+            self._fail_logged = self._on_connect_fail(item[1], item[2], self._fail_logged)
+        elif kind == "suback":
+            if not any(rc.is_failure for rc in item[1]):
+                self._subscribed.set()
+            for rc in item[1]:
+                if rc.is_failure:
+                    log.error("subscription to %s or %s refused: %s", self._t_ack, self._t_cmd, rc)
+        elif kind == "ack":
+            self._on_ack(item[1])
+        elif kind == "wake":
+            self._wake_pending.clear()
+        elif kind == "status":
+            if self._online:
+                self._send_status()
+        elif kind == "health":
+            if self._online:
+                self._client.publish(self._t_health, item[1], qos=0, retain=True)
+        elif kind == "reply":
+            self._send_reply(item[1], item[2], item[3])
+        elif kind == "stop" and stop_deadline is None:
+            stop_deadline = item[1]
+            self._begin_stop()
+        return stop_deadline
 
     def _on_connect_fail(self, tls: bool, reason: str, logged: bool) -> bool:
         """Say why the broker cannot be reached, once per outage; returns ``logged``.
@@ -510,6 +530,8 @@ class Publisher:
 
     def _on_ack(self, payload: bytes) -> None:
         try:
+            if len(payload) > ACK_MAX_BYTES:
+                raise ValueError("longer than any ack")
             msg = json.loads(payload)
             if not isinstance(msg, dict) or msg.get("schema") != ACK_SCHEMA:
                 raise ValueError("wrong schema")
@@ -525,19 +547,29 @@ class Publisher:
                 for r in ranges
             ):
                 raise ValueError("ranges is not a list of [a, b] with a <= b")
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        except (ValueError, RecursionError) as exc:  # json.JSONDecodeError is a ValueError
             log.warning("ignoring malformed ack on %s (%d bytes): %s", self._t_ack, len(payload), exc)
             return
+        sent = self._highest_sent
+        if upto > sent or any(last > sent for _, last in ranges):
+            log.warning(
+                "ack on %s names seqs up to %d, but this gate has sent only up to %d: "
+                "acting on the part it sent (did the collector keep seqs from a reinstalled gate?)",
+                self._t_ack,
+                max([upto, *(last for _, last in ranges)]),
+                sent,
+            )
         try:
-            removed = self._outbox.remove_upto(upto) if upto > 0 else 0
+            removed = self._outbox.remove_upto(min(upto, sent)) if upto > 0 else 0
             for first, last in ranges:
-                if last >= 1:
-                    removed += self._outbox.remove_range(max(first, 1), last)
+                if min(last, sent) >= max(first, 1):
+                    removed += self._outbox.remove_range(max(first, 1), min(last, sent))
         except OutboxError as exc:
             self._outbox_problem(exc)
             return
         if removed:
             self._last_ack_progress = time.monotonic()
+            self._resend_after_s = self._ack_timeout_s
         log.debug("collector ack upto %d, %d ranges: %d rows removed", upto, len(ranges), removed)
         self._notify_drained()
 
@@ -593,15 +625,16 @@ class Publisher:
             self._last_ack_progress = time.monotonic()  # nothing is waiting for an ack
             return True
         first = oldest[0][0]
-        if time.monotonic() - self._last_ack_progress > self._ack_timeout_s and not self._inflight:
+        if time.monotonic() - self._last_ack_progress > self._resend_after_s and not self._inflight:
             log.warning(
                 "no ack from the collector for %.0f s: resending from seq %d (%d waiting)",
-                self._ack_timeout_s,
+                self._resend_after_s,
                 first,
                 self._safe_depth(),
             )
             self._cursor = first - 1
             self._last_ack_progress = time.monotonic()
+            self._resend_after_s = min(self._resend_after_s * 2, RESEND_MAX_S)
             return True
         return self._cursor - first + 1 < UNACKED_MAX
 
@@ -619,6 +652,7 @@ class Publisher:
         # MQTT_ERR_NO_CONN (lost between our check and the call) still leaves the message in
         # paho's queue, which sends it after reconnecting: track it like any other.
         self._inflight[info.mid] = seq
+        self._highest_sent = max(self._highest_sent, seq)
 
     def _begin_stop(self) -> None:
         if self._online:

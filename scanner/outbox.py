@@ -268,6 +268,11 @@ class Outbox:
             except sqlite3.Error as exc:
                 self._rollback(conn)
                 raise OutboxError(f"cannot remove: {exc}") from exc
+            except BaseException:
+                # Anything else (an int too large to bind, an interrupt) must not leave the write
+                # transaction open on the connection the pipeline appends through.
+                self._rollback(conn)
+                raise
             deleted = conn.total_changes - before
             self._depth -= deleted
             return deleted

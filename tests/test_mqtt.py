@@ -317,7 +317,12 @@ def test_collector_delivery_resends_unacked_rows_when_acks_stall(
         outbox.append(event)
     pub.wake()
     assert sub.wait_for(lambda msgs: len(msgs) >= 6, timeout=15), seqs(sub, topic)
+    first_resend = time.monotonic()
     assert seqs(sub, topic)[:6] == [1, 2, 3, 1, 2, 3]
+    # While the collector stays silent the wait doubles (1 s, then 2 s, ...): a dead
+    # collector must not cost a full resend over 3G every ack_timeout_s.
+    assert sub.wait_for(lambda msgs: len(msgs) >= 9, timeout=15), seqs(sub, topic)
+    assert time.monotonic() - first_resend >= 1.5
     sub.publish(ack, json.dumps({"schema": "gate-scanner/ack/1", "upto": 3, "ranges": []}))
     assert pub.wait_drained(5)
 
@@ -589,3 +594,46 @@ def test_connect_failure_reads_the_cause_paho_does_not_pass(tmp_path: Path) -> N
             reasons.append(connect_failure())
     assert reasons == [(False, "[Errno 111] Connection refused")]
     assert connect_failure() == (False, "no reason given")  # called outside an except
+
+
+def ack(upto: int, ranges: list[list[int]] | None = None) -> str:
+    return json.dumps({"schema": "gate-scanner/ack/1", "upto": upto, "ranges": ranges or []})
+
+
+def test_hostile_acks_neither_stop_publishing_nor_wedge_the_outbox(
+    broker: LocalBroker, gate: Any, subscribe: Any
+) -> None:
+    pub, outbox, config = gate(broker, delivery="collector")
+    topic, ack_topic = config.topic("checkin"), config.topic("ack")
+    sub = subscribe(topic)
+    assert pub.wait_connected(5)
+    outbox.append(event)
+    pub.wake()
+    assert sub.wait_for(lambda msgs: len(msgs) >= 1, timeout=5)
+    # Too large for SQLite to bind, nested past Python's recursion limit, ranges beyond 2**63:
+    # once, the first left a write transaction open and killed the publisher thread.
+    for hostile in (ack(2**63), "[" * 100_000, ack(0, [[1, 2**70]])):
+        sub.publish(ack_topic, hostile)
+    sub.publish(ack_topic, ack(1))  # a real ack after them still works ...
+    assert wait_until(lambda: outbox.depth() == 0, 5), outbox.depth()
+    outbox.append(event)  # ... the pipeline can still commit (no transaction left open) ...
+    pub.wake()
+    assert sub.wait_for(lambda msgs: len(msgs) >= 2, timeout=5)  # ... and the publisher lives
+    assert seqs(sub, topic) == [1, 2]
+
+
+def test_an_ack_beyond_what_this_gate_sent_deletes_only_what_it_sent(tmp_path: Path) -> None:
+    # A reinstalled gate starts again at seq 1 while the collector still holds seqs 1..N of
+    # its earlier life and acks "upto N": rows this gate has not sent yet must stay.
+    # White-box: the publisher is not started, so nothing is sent and the ack is fed directly.
+    dead = LocalBroker(tmp_path / "never-started")
+    outbox = Outbox(tmp_path / "o.db", max_events=100)
+    for _ in range(5):
+        outbox.append(event)
+    pub = Publisher(make_config(dead, tmp_path, delivery="collector"), outbox, status=lambda: {})
+    pub._on_ack(ack(1000).encode())
+    assert outbox.depth() == 5
+    pub._highest_sent = 3  # as if rows 1..3 had gone out on this connection
+    pub._on_ack(ack(1000, [[5, 9]]).encode())
+    assert [seq for seq, _ in outbox.pending()] == [4, 5]
+    outbox.close()
