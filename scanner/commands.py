@@ -12,14 +12,17 @@ keys sorted, no spaces (:func:`canonical`). The context string keeps a command s
 from ever being valid as a pass signature (and the other way round) even if an operator key
 were also a pass issuer key. A command is refused when it is retained, unsigned, signed by a
 key not in ``commands.operator_keys_file``, badly signed, for another device, older or newer
-than ``commands.max_age_s`` (or signed before this process started: the nonce cache is in
-memory, so that is what keeps a command captured before a restart from being replayed after
-it), or a nonce already seen. ``selftest`` is read-only and needs no signature.
+than ``commands.max_age_s``, signed before this process started, a nonce already executed, or
+older than an executed command allows (:class:`ReplayGuard`). Executed nonces and that floor
+are kept in ``<storage.dir>/cmd-replay.json``, written before the command runs: a gate without
+a real-time clock boots with its clock set back, and an in-memory cache alone would let a
+command captured before the reboot run again. ``selftest`` is read-only and needs no signature.
 
 Threads: paho's callback only enqueues an :class:`Inbound`; the app drains that queue on
-the pipeline thread and calls :meth:`CommandHandler.handle`. Verification and ``open`` (one
-outbox commit, then the relay) run there; ``reload`` and ``lists`` touch the disk and run on
-a worker thread, so no frame waits for a file system.
+the pipeline thread and calls :meth:`CommandHandler.handle`. Verification (for a signed
+command one small synced write of the replay file) and ``open`` (one outbox commit, then the
+relay) run there; ``reload`` and ``lists`` write more and run on a worker thread, so no frame
+waits for them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -36,7 +40,6 @@ import secrets
 import sys
 import tempfile
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -65,6 +68,8 @@ LIST_KEYS = {
     "dcc_trust": "dcc_trust_file",
 }
 NONCE_CACHE_MAX = 4096
+REPLAY_FILE = "cmd-replay.json"  # in storage.dir
+REPLAY_SCHEMA = "gate-scanner/cmd-replay/1"
 _NONCE = re.compile(r"[0-9a-f]{16,64}")
 _ENVELOPE_KEYS = {"schema", "name", "device", "ts", "nonce", "args", "kid", "sig"}
 _START_GRACE = timedelta(seconds=2)
@@ -146,30 +151,116 @@ def load_operator_keys(path: Path | None) -> TrustStore | None:
 # -- replay protection ----------------------------------------------------------------------
 
 
-class NonceCache:
-    """Nonces of executed commands, each kept until its command would be stale anyway.
+class ReplayGuard:
+    """Which signed commands may still run, kept on disk so a restart does not forget it.
 
-    Bounded: when full of live nonces a new command is refused ("busy") rather than an old
-    nonce forgotten, because forgetting one would make its command replayable.
+    Refuses a nonce already executed and any ts before ``floor``; ``floor`` trails the highest
+    executed ts by ``max_age`` (older ones would be stale to the operator who sent that one), so
+    only nonces at or above it need keeping. Pruning against the floor rather than the wall
+    clock keeps this right when the clock is wound back. Bounded: when full of live nonces a new
+    command is refused ("busy") rather than an old nonce forgotten.
     """
 
-    def __init__(self, max_entries: int = NONCE_CACHE_MAX) -> None:
+    def __init__(
+        self, path: Path, max_age: float, *, now: datetime, max_entries: int = NONCE_CACHE_MAX
+    ) -> None:
+        self._path = path
+        self._max_age = timedelta(seconds=max_age)
         self._max = max_entries
-        self._expiry: OrderedDict[str, float] = OrderedDict()  # nonce → wall time it may be forgotten
+        self.floor: datetime | None = None
+        self.highest: datetime | None = None
+        self.nonces: dict[str, datetime] = {}  # nonce → its command's ts
+        self._load(now)
 
     def __len__(self) -> int:
-        return len(self._expiry)
+        return len(self.nonces)
 
-    def check_and_add(self, nonce: str, forget_at: float, now: float) -> str | None:
-        """None when fresh (and now remembered); else the refusal reason."""
-        for old in [n for n, t in self._expiry.items() if t <= now]:
-            del self._expiry[old]
-        if nonce in self._expiry:
-            return "replayed"
-        if len(self._expiry) >= self._max:
-            return "busy"
-        self._expiry[nonce] = forget_at
-        return None
+    def _load(self, now: datetime) -> None:
+        try:
+            raw = self._path.read_bytes()
+        except FileNotFoundError:
+            return  # first start: only the started barrier applies, as it always did
+        except OSError as exc:
+            self._fall_back(now, f"cannot read it: {exc}")
+            return
+        try:
+            document = json.loads(raw.decode("utf-8"))
+            if not isinstance(document, dict) or document.get("schema") != REPLAY_SCHEMA:
+                raise ValueError(f"schema is not {REPLAY_SCHEMA!r}")
+            floor, highest, nonces = document["floor"], document["highest"], document["nonces"]
+            if not isinstance(nonces, dict) or not all(_NONCE.fullmatch(n) for n in nonces):
+                raise ValueError("nonces must map hex nonces to times")
+            self.floor = None if floor is None else _stored_time(floor)
+            self.highest = None if highest is None else _stored_time(highest)
+            self.nonces = {n: _stored_time(t) for n, t in nonces.items()}
+            if self.highest is not None:
+                # max_age_s may have grown since: nonces below the old floor are gone, keep refusing them.
+                self._raise_floor(self.highest - self._max_age)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, OverflowError) as exc:
+            self.floor, self.highest, self.nonces = None, None, {}
+            self._fall_back(now, f"corrupt: {exc}")
+
+    def _fall_back(self, now: datetime, why: str) -> None:
+        # The executed nonces are lost. Every command executed so far was within max_age of the
+        # gate's clock when the file was last written, i.e. its ts is at most mtime + max_age:
+        # refusing ts up to there refuses them all, and the gate takes commands again once its
+        # clock has passed that (not never). Without an mtime the start time is all there is; a
+        # file that cannot be read is seldom in a directory that can be written, and the first
+        # command then fails closed when its nonce cannot be recorded.
+        try:
+            mtime = datetime.fromtimestamp(self._path.stat().st_mtime, UTC)
+            self._raise_floor(mtime + self._max_age + _START_GRACE)
+        except (OSError, OverflowError, ValueError):
+            self._raise_floor(now)
+        log.warning(
+            "%s is %s; refusing signed commands with ts before %s (it is rewritten by the next one)",
+            self._path,
+            why,
+            self.floor.isoformat() if self.floor else "-",
+        )
+
+    def _raise_floor(self, floor: datetime) -> None:
+        if self.floor is None or floor > self.floor:
+            self.floor = floor
+
+    def admit(self, nonce: str, ts: datetime) -> None:
+        """Record the command as executed, durably; raises Refused if it may not run."""
+        if self.floor is not None and ts < self.floor:
+            raise Refused(
+                "replayed", f"ts is older than an executed command allows ({self.floor.isoformat()})"
+            )
+        if nonce in self.nonces:
+            raise Refused("replayed", "nonce already used")
+        highest = ts if self.highest is None or ts > self.highest else self.highest
+        floor = highest - self._max_age
+        if self.floor is not None and self.floor > floor:
+            floor = self.floor
+        nonces = {n: t for n, t in self.nonces.items() if t >= floor}
+        if len(nonces) >= self._max:
+            raise Refused("busy", "too many recent commands; try again later")
+        nonces[nonce] = ts
+        document = {
+            "schema": REPLAY_SCHEMA,
+            "floor": floor.isoformat(),
+            "highest": highest.isoformat(),
+            "nonces": {n: t.isoformat() for n, t in nonces.items()},
+        }
+        data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        try:
+            _replace_file(self._path, data)
+        except OSError as exc:
+            # Executing without the record would make this command replayable after a reboot.
+            raise Refused("failed", f"cannot record the command's nonce in {self._path}: {exc}") from None
+        self.floor, self.highest, self.nonces = floor, highest, nonces
+
+
+def _stored_time(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise ValueError("times must be strings")
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        raise ValueError(f"{value!r} has no UTC offset")
+    return moment.astimezone(UTC)
 
 
 # -- verifying ------------------------------------------------------------------------------
@@ -242,7 +333,9 @@ class Verifier:
         self._v5 = config.mqtt.protocol == "5"
         self._keys = keys
         self._started = started
-        self._nonces = NonceCache(max_nonces)
+        self._replay = ReplayGuard(
+            config.storage.dir / REPLAY_FILE, self._max_age, now=started, max_entries=max_nonces
+        )
 
     def set_keys(self, keys: TrustStore | None) -> None:
         self._keys = keys
@@ -283,17 +376,11 @@ class Verifier:
         skew = (now - envelope.ts).total_seconds()
         if abs(skew) > self._max_age:
             raise Refused("stale", f"ts is {skew:+.0f} s from the gate's clock (limit {self._max_age:.0f} s)")
-        # The nonce cache does not survive a restart; a command signed before this process
-        # started (with 2 s for clock granularity and skew) could be a capture being replayed.
+        # Kept although the nonces now survive a restart: it is the only barrier on a first start
+        # or after the replay file was lost (2 s for clock granularity and skew).
         if envelope.ts < self._started - _START_GRACE:
             raise Refused("stale", "signed before this gate started")
-        refusal = self._nonces.check_and_add(
-            envelope.nonce, envelope.ts.timestamp() + self._max_age + 1, now.timestamp()
-        )
-        if refusal == "replayed":
-            raise Refused("replayed", "nonce already used")
-        if refusal is not None:
-            raise Refused(refusal, "too many recent commands; try again later")
+        self._replay.admit(envelope.nonce, envelope.ts)
         return envelope
 
 
@@ -324,7 +411,10 @@ def write_lists(config: Config, args: dict[str, Any]) -> list[str]:
                 value = json.dumps(value, indent=2) + "\n"
             if not isinstance(value, str):
                 raise Refused("malformed", f"{name}: expected the file's text")
-            tmp = _write_temp(path, value.encode("utf-8"))
+            try:
+                tmp = _write_temp(path, value.encode("utf-8"))
+            except OSError as exc:
+                raise Refused("failed", f"{name}: cannot write {path}, the old list is kept: {exc}") from None
             staged.append((name, tmp, path))
             try:
                 if name == "pass_trust":
@@ -349,13 +439,43 @@ def write_lists(config: Config, args: dict[str, Any]) -> list[str]:
 
 
 def _write_temp(target: Path, data: bytes) -> Path:
+    """A synced temp file beside ``target`` holding exactly ``data``; raises OSError, leaving none."""
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".new", dir=target.parent)
+    tmp = Path(name)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return Path(name)
+        try:
+            view = memoryview(data)
+            while view:
+                # On a nearly full file system a write stores part and reports no error; only the
+                # next one fails (ENOSPC). Stopping at the first would install a cut-off deny list.
+                written = os.write(fd, view)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, f"{target.name}: the write stored nothing")
+                view = view[written:]
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        # A truncated text list still parses, so the check after this cannot notice one.
+        if size != len(data) or tmp.read_bytes() != data:
+            raise OSError(errno.EIO, f"{target.name}: {size} of {len(data)} bytes on disk, or not those sent")
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def _replace_file(target: Path, data: bytes) -> None:
+    """Replace ``target`` with ``data`` (mode 0600) so that a crash leaves the old or the new file."""
+    tmp = _write_temp(target, data)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(target.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -147,14 +153,158 @@ def test_a_command_signed_before_the_gate_started_is_stale(tmp_path):
     assert refusal.value.reason == "stale"
 
 
-def test_the_nonce_cache_is_bounded_and_forgets_only_what_is_stale():
-    cache = commands.NonceCache(max_entries=2)
-    assert cache.check_and_add("a", forget_at=100, now=0) is None
-    assert cache.check_and_add("b", forget_at=100, now=0) is None
-    assert cache.check_and_add("c", forget_at=100, now=0) == "busy"  # never forgets a live nonce
-    assert cache.check_and_add("a", forget_at=100, now=50) == "replayed"
-    assert cache.check_and_add("c", forget_at=300, now=100) is None  # a and b expired
-    assert len(cache) == 1
+def test_the_replay_guard_is_bounded_and_forgets_only_what_its_floor_refuses(tmp_path):
+    guard = commands.ReplayGuard(tmp_path / commands.REPLAY_FILE, 60.0, now=NOW, max_entries=2)
+    guard.admit("a" * 16, NOW)
+    guard.admit("b" * 16, NOW)
+    with pytest.raises(Refused) as refusal:
+        guard.admit("c" * 16, NOW)  # never forgets a live nonce
+    assert refusal.value.reason == "busy"
+    with pytest.raises(Refused) as refusal:
+        guard.admit("a" * 16, NOW + timedelta(seconds=30))
+    assert refusal.value.reason == "replayed"
+    guard.admit("c" * 16, NOW + timedelta(seconds=61))  # a and b are now below the floor
+    assert len(guard) == 1
+    with pytest.raises(Refused) as refusal:
+        guard.admit("d" * 16, NOW)
+    assert refusal.value.reason == "replayed"
+
+
+def _replay_state(tmp_path: Path) -> dict[str, Any]:
+    return json.loads((tmp_path / commands.REPLAY_FILE).read_text())
+
+
+def test_a_command_run_before_a_reboot_is_refused_after_it_even_with_the_clock_wound_back(tmp_path):
+    cfg = unit_config(tmp_path)
+    keys = commands.load_operator_keys(cfg.commands.operator_keys_file)
+    env = signed("open", "gate-u", now=NOW)
+    Verifier(cfg, keys, started=NOW - timedelta(seconds=5)).verify(inbound(env), NOW + timedelta(seconds=1))
+    state = tmp_path / commands.REPLAY_FILE
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    # A Pi without a real-time clock reboots to the time fake-hwclock saved, before the
+    # command was sent, and has no NTP yet: the captured bytes look fresh again.
+    rebooted = Verifier(cfg, keys, started=NOW - timedelta(seconds=3))
+    with pytest.raises(Refused) as refusal:
+        rebooted.verify(inbound(env), NOW + timedelta(seconds=1))
+    assert refusal.value.reason == "replayed"
+    # A command captured earlier still, never run here, is older than the one that ran.
+    older = signed("open", "gate-u", now=NOW - timedelta(seconds=90))
+    rebooted = Verifier(cfg, keys, started=NOW - timedelta(seconds=95))
+    with pytest.raises(Refused) as refusal:
+        rebooted.verify(inbound(older), NOW - timedelta(seconds=89))
+    assert refusal.value.reason == "replayed"
+    assert "older than an executed command" in refusal.value.detail
+    # Commands within max_age of the newest executed one still run.
+    fresh = signed("open", "gate-u", now=NOW - timedelta(seconds=50))
+    assert rebooted.verify(inbound(fresh), NOW - timedelta(seconds=50)).nonce == fresh["nonce"]
+    document = _replay_state(tmp_path)
+    assert document["schema"] == commands.REPLAY_SCHEMA
+    assert sorted(document["nonces"]) == sorted([env["nonce"], fresh["nonce"]])
+    assert datetime.fromisoformat(document["highest"]) == NOW
+    assert sorted(p.name for p in tmp_path.iterdir()) == [commands.REPLAY_FILE, "ops.json"]
+
+
+def test_the_replay_file_keeps_only_nonces_the_floor_does_not_refuse(tmp_path):
+    cfg = unit_config(tmp_path)
+    v = verifier(cfg)
+    for offset in (0, 30, 200):
+        moment = NOW + timedelta(seconds=offset)
+        v.verify(inbound(signed("open", "gate-u", now=moment, nonce=f"{offset:016x}")), moment)
+    document = _replay_state(tmp_path)
+    assert list(document["nonces"]) == [f"{200:016x}"]
+    assert datetime.fromisoformat(document["floor"]) == NOW + timedelta(seconds=140)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b"{not json",
+        b"\xff\xfe",
+        b'{"schema": "gate-scanner/cmd-replay/1"}',
+        b'{"schema": "gate-scanner/cmd-replay/1", "floor": null, "highest": 7, "nonces": {}}',
+        b'{"schema":"gate-scanner/cmd-replay/1","floor":null,"highest":"0001-01-01T00:00:00+00:00","nonces":{}}',
+        None,  # cannot be read at all
+    ],
+)
+def test_a_damaged_replay_file_refuses_what_it_may_have_held_but_not_forever(
+    tmp_path, monkeypatch, caplog, damage
+):
+    cfg = unit_config(tmp_path)
+    keys = commands.load_operator_keys(cfg.commands.operator_keys_file)
+    state = tmp_path / commands.REPLAY_FILE
+    state.write_bytes(damage or b"{}")
+    os.utime(state, (NOW.timestamp(), NOW.timestamp()))  # last written at NOW
+    if damage is None:
+        real_read = Path.read_bytes
+
+        def unreadable(path: Path) -> bytes:
+            if path.name == commands.REPLAY_FILE:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_read(path)
+
+        monkeypatch.setattr(Path, "read_bytes", unreadable)
+    with caplog.at_level("WARNING", logger="scanner.commands"):
+        v = Verifier(cfg, keys, started=NOW - timedelta(seconds=30))
+    monkeypatch.undo()
+    assert commands.REPLAY_FILE in caplog.text
+    # Anything run up to the last write was within max_age of the clock then: all refused...
+    late = NOW + timedelta(seconds=60)
+    with pytest.raises(Refused) as refusal:
+        v.verify(inbound(signed("open", "gate-u", now=late)), late)
+    assert refusal.value.reason == "replayed"
+    # ...but once the clock is past that, commands run again, and the floor is kept on disk.
+    later = NOW + timedelta(seconds=63)
+    assert v.verify(inbound(signed("open", "gate-u", now=later)), later).name == "open"
+    caplog.clear()
+    v = Verifier(cfg, keys, started=NOW - timedelta(seconds=30))
+    assert not caplog.records
+    with pytest.raises(Refused) as refusal:
+        v.verify(inbound(signed("open", "gate-u", now=late)), late)
+    assert refusal.value.reason == "replayed"
+
+
+def _full_after(room: int) -> Callable[[Callable[[int, Any], int]], Callable[[int, Any], int]]:
+    """os.write on a file system with ``room`` bytes left: stores what fits, then ENOSPC."""
+
+    def make(real: Callable[[int, Any], int]) -> Callable[[int, Any], int]:
+        left = [room]
+
+        def write(fd: int, data: Any) -> int:
+            if left[0] <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written = real(fd, bytes(data[: left[0]]))
+            left[0] -= written
+            return written
+
+        return write
+
+    return make
+
+
+def _claims_all(real: Callable[[int, Any], int]) -> Callable[[int, Any], int]:
+    def write(fd: int, data: Any) -> int:
+        real(fd, bytes(data[: len(data) // 2]))
+        return len(data)
+
+    return write
+
+
+def _in_pieces(real: Callable[[int, Any], int]) -> Callable[[int, Any], int]:
+    return lambda fd, data: real(fd, bytes(data[:1000]))
+
+
+@pytest.mark.parametrize("writer", [_full_after(0), _full_after(100), _claims_all])
+def test_a_command_whose_nonce_cannot_be_recorded_is_refused_and_not_used_up(tmp_path, monkeypatch, writer):
+    cfg = unit_config(tmp_path)
+    v = verifier(cfg)
+    env = signed("open", "gate-u", now=NOW)
+    monkeypatch.setattr(os, "write", writer(os.write))
+    with pytest.raises(Refused) as refusal:
+        v.verify(inbound(env), NOW)
+    monkeypatch.undo()
+    assert refusal.value.reason == "failed" and commands.REPLAY_FILE in refusal.value.detail
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ops.json"]  # no temp file left
+    assert v.verify(inbound(env), NOW).nonce == env["nonce"]  # the refusal did not spend it
 
 
 def test_cli_sign_prints_an_envelope_the_gate_accepts(tmp_path, capsys):
@@ -209,6 +359,70 @@ def test_write_lists_validates_everything_before_replacing_anything(tmp_path):
     ]
     assert allow.read_text() == "NEW-A\n" and deny.read_text() == "NEW-D\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["allow.txt", "deny.txt"]  # no temp files left
+
+
+BIG_DENY = "# version: 8\n" + "".join(f"EMP-{i:04d}\n" for i in range(2000))  # ~20 kB
+
+
+def deny_config(tmp_path: Path) -> tuple[config_mod.Config, Path]:
+    deny = tmp_path / "deny.txt"
+    deny.write_text("# version: 7\nEMP-0001\n")
+    cfg = config_mod.from_table(
+        {"device": {"id": "gate-u", "site": "site-u"}, "policy": {"denylist_file": str(deny)}}
+    )
+    return cfg, deny
+
+
+@pytest.mark.parametrize("writer", [_full_after(4096), _full_after(0), _claims_all])
+def test_a_list_cut_off_by_a_full_disk_is_refused_and_the_old_one_kept(tmp_path, monkeypatch, writer):
+    cfg, deny = deny_config(tmp_path)
+    monkeypatch.setattr(os, "write", writer(os.write))
+    with pytest.raises(Refused) as refusal:
+        commands.write_lists(cfg, {"denylist": BIG_DENY})
+    monkeypatch.undo()
+    assert refusal.value.reason == "failed" and "denylist" in refusal.value.detail
+    assert deny.read_text() == "# version: 7\nEMP-0001\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["deny.txt"]
+
+
+def test_a_list_the_kernel_takes_in_pieces_is_written_whole(tmp_path, monkeypatch):
+    cfg, deny = deny_config(tmp_path)
+    monkeypatch.setattr(os, "write", _in_pieces(os.write))
+    assert commands.write_lists(cfg, {"denylist": BIG_DENY}) == ["denylist"]
+    monkeypatch.undo()
+    assert deny.read_text() == BIG_DENY
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE short writes as on Linux")
+def test_a_list_over_the_room_left_is_refused_by_the_real_kernel(tmp_path):
+    # RLIMIT_FSIZE makes the kernel cut a write short exactly as ENOSPC on a nearly full card
+    # does; in a child, so this process keeps writing freely.
+    child = textwrap.dedent(
+        """
+        import json, resource, signal, sys
+        from tests.test_commands import BIG_DENY, deny_config
+        from pathlib import Path
+        from scanner import commands
+        cfg, deny = deny_config(Path(sys.argv[1]))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+        try:
+            commands.write_lists(cfg, {"denylist": BIG_DENY})
+        except commands.Refused as refusal:
+            print(json.dumps([refusal.reason, refusal.detail]))
+        else:
+            print(json.dumps(["ok", ""]))
+        """
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    reason, detail = json.loads(done.stdout)
+    assert reason == "failed" and "denylist" in detail, detail
+    assert (tmp_path / "deny.txt").read_text() == "# version: 7\nEMP-0001\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["deny.txt"]
 
 
 # -- the gate: open is recorded before the relay moves ----------------------------------------
