@@ -40,6 +40,20 @@ log = logging.getLogger(__name__)
 # A pipeline that throws on this many frames in a row is broken, not unlucky: exit non-zero
 # so systemd restarts the whole process instead of a gate that silently never scans.
 _MAX_CONSECUTIVE_ERRORS = 50
+# Frames in a row the isolated decoder may lose before the gate says it is blind (alarm and
+# fault pattern), and before it gives up and exits so that systemd restarts it whole.
+DECODER_ALARM_AFTER = 10
+DECODER_GIVE_UP_AFTER = 100
+# Alarms that mean the gate cannot do its job: the red fault pattern shows while any is active.
+FAULT_ALARMS = frozenset({"outbox", "camera", "decoder"})
+
+
+def show_fault(signals: Signals, alarms: Alarms) -> None:
+    """Fault pattern on exactly while a fault alarm is active: one cause clearing must not
+    hide another (the camera coming back while the outbox is still full)."""
+    signals.set_fault(bool(FAULT_ALARMS & alarms.snapshot().keys()))
+
+
 # Operator commands waiting for the pipeline thread, and how many it takes per loop turn: a
 # flood on cmd/ (anyone the broker lets publish there) costs dropped commands, never memory
 # or frames.
@@ -196,7 +210,7 @@ class Gate:
             return Outcome(Decision(False, Reason.DEVICE_FAULT, credential, str(exc)), None)
         if "outbox" in self._alarms.snapshot():
             self._alarms.clear("outbox")
-            self._signals.set_fault(False)
+            show_fault(self._signals, self._alarms)
         # Only now, with the record durable, may the door open.
         if decision.accepted:
             self._signals.accepted()
@@ -254,7 +268,7 @@ class Gate:
             return False, f"the open could not be recorded ({exc}); the gate stays shut"
         if "outbox" in self._alarms.snapshot():
             self._alarms.clear("outbox")
-            self._signals.set_fault(False)
+            show_fault(self._signals, self._alarms)
         self._signals.accepted()  # only now, with the record durable
         self.reasons[Reason.OK] += 1
         log.info("seq=%d accepted reason=ok type=operator (remote open, kid %s)", seq, kid or "-")
@@ -302,6 +316,7 @@ class App:
         self._verifier: commands.Verifier | None = None
         self._outbox: Outbox | None = None
         self._decoder: Decoder | None = None
+        self._reload_lock = threading.Lock()
         self._publisher: Publisher | None = None
 
     def status(self) -> dict[str, Any]:
@@ -369,7 +384,15 @@ class App:
         threading.Thread(target=self._reload, name="reload", daemon=True).start()
 
     def _reload(self) -> tuple[bool, str]:
-        """Reload lists and operator keys; (ok, what happened) for a command's reply."""
+        """Reload lists and operator keys; (ok, what happened) for a command's reply.
+
+        One reload at a time, from SIGHUP or a command: loading happens under the lock, so a
+        load that began earlier (old files) can never be swapped in after a later one.
+        """
+        with self._reload_lock:
+            return self._reload_now()
+
+    def _reload_now(self) -> tuple[bool, str]:
         gate = self.gate
         if gate is None:
             return False, "the gate is not running"
@@ -488,12 +511,12 @@ class App:
         try:
             finished = self._pipeline(gate, slot, signals, stop)
         finally:
+            signals.relay_off()  # first: what follows may take seconds (joins, camera close)
             capture_stop.set()
             telemetry_thread.join(timeout=2)
             self._notifier.stopping()
             supervisor.join(config.camera.capture_timeout_s + 1)
             source.close()
-            signals.relay_off()
             decoder.close()
         # Flush what we can before saying offline. A stop request gets a short wait (systemd's
         # stop timeout is 20 s); a finished replay waits the configured time. Unsent rows are
@@ -547,7 +570,30 @@ class App:
                 if errors >= _MAX_CONSECUTIVE_ERRORS:
                     log.critical("pipeline keeps failing; exiting so the service manager restarts it")
                     return None
+            if not self._decoder_healthy(signals):
+                return None
         return False
+
+    def _decoder_healthy(self, signals: Signals) -> bool:
+        """Alarm while the isolated decoder loses frame after frame; False once it is hopeless.
+
+        Each lost frame is a respawn and an empty result, not an exception, so without this a
+        decoder that dies on every frame would leave a blind gate that looks healthy.
+        """
+        lost = self._decoder.consecutive_failures if self._decoder is not None else 0
+        active = "decoder" in self.alarms.snapshot()
+        if lost >= DECODER_ALARM_AFTER and not active:
+            self.alarms.raise_("decoder", f"the isolated decoder lost {lost} frames in a row: not scanning")
+            show_fault(signals, self.alarms)
+        elif lost == 0 and active:
+            self.alarms.clear("decoder")
+            show_fault(signals, self.alarms)
+        if lost >= DECODER_GIVE_UP_AFTER:
+            log.critical(
+                "the decoder lost %d frames in a row; exiting so the service manager restarts it", lost
+            )
+            return False
+        return True
 
     def _enqueue_command(self, inbound: commands.Inbound) -> None:
         """Publisher's on_command (paho's thread): enqueue or drop, never block."""
@@ -604,8 +650,7 @@ class App:
             self.alarms.clear("camera")  # re-publishes status, now with the camera ok
         else:
             self.alarms.on_change()  # the retained status says "starting" until now
-        if "outbox" not in self.alarms.snapshot():
-            signals.set_fault(False)
+        show_fault(signals, self.alarms)
 
     def _alive(self) -> bool:
         """Fed to the systemd watchdog: the pipeline loop is turning, and frames arrived recently or

@@ -82,6 +82,9 @@ class Decoder:
         self._worker = _Worker(engines, tuple(rescue), deadline_s, engine) if isolate else None
         self._engine = engine() if engine is not None and not isolate else None
         self.worker_failures = 0  # frames lost to a crash or timeout in the isolated decoder
+        # Frames lost in a row: a worker that dies on every frame leaves the gate blind while
+        # each decode "succeeds" with no symbols; the app alarms and restarts on this.
+        self.consecutive_failures = 0
 
     @property
     def errors(self) -> dict[str, int]:
@@ -109,10 +112,12 @@ class Decoder:
             symbols, counters = self._worker.decode(image)
         except WorkerFailed as exc:
             self.worker_failures += 1
+            self.consecutive_failures += 1
             n = self.worker_failures
             if n == 1 or n % 100 == 0:  # a decoder that keeps crashing must not flood the journal
                 log.error("isolated decoder lost a frame (%d so far): %s", n, exc)
             return []
+        self.consecutive_failures = 0
         self._chain.add(counters)
         return symbols
 

@@ -251,3 +251,40 @@ def test_anti_passback_rejects_a_second_accept_of_the_same_credential(tmp_path):
     finally:
         outbox.close()
         factory.close()
+
+
+def _abort_on_every_frame(image: np.ndarray) -> list:
+    import os
+
+    os.abort()  # stands in for zxing-cpp crashing in the worker on every frame
+
+
+def always_crashing_engine() -> object:
+    return _abort_on_every_frame
+
+
+def test_a_decoder_that_dies_on_every_frame_raises_an_alarm_then_exits_for_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each lost frame is an empty result, not an exception: without counting them the gate
+    # would scan nothing while its camera, watchdog and LEDs all said it was fine.
+    import scanner.app as app_mod
+
+    monkeypatch.setattr(app_mod, "DECODER_ALARM_AFTER", 3)
+    monkeypatch.setattr(app_mod, "DECODER_GIVE_UP_AFTER", 8)
+    monkeypatch.setattr(
+        app_mod,
+        "Decoder",
+        lambda engines, isolate: Decoder(engines, isolate=True, engine=always_crashing_engine),
+    )
+    factory = MockFactory()
+    app = App(make_config(tmp_path), pin_factory=factory, source=ScriptedSource(400))
+    try:
+        code = app.run(threading.Event())
+        relay = [s.state for s in factory.pin(app.config.gpio.relay_pin).states]
+    finally:
+        factory.close()
+    assert code == 1  # systemd restarts the whole gate
+    assert "decoder" in app.alarms.snapshot()
+    assert app.gate is not None and sum(app.gate.reasons.values()) == 0  # nothing was scanned
+    assert True not in relay
