@@ -40,6 +40,9 @@ def check(credential: Credential, *, trust=EMPTY, rules=RULES, since=None) -> Re
         (b"   ", Reason.UNKNOWN_FORMAT),
         (b"\xff\xfe\x00\x01", Reason.UNKNOWN_FORMAT),
         (b"line\nbreak", Reason.UNKNOWN_FORMAT),
+        (b"EMP-0001\r\n", Reason.OK),  # a line ending some generators add is not part of it
+        (b"\xef\xbb\xbfEMP-0001", Reason.OK),
+        (b"\xef\xbb\xbfHC1:NCFOXN%TS3DH\n", Reason.MALFORMED),  # still a DCC, never plain
         (b"A" * 257, Reason.MALFORMED),
         (b"HC1:NCFOXN%TS3DH", Reason.MALFORMED),  # always judged as a DCC, never as a plain code
         (b"GP1:ABCDEF", Reason.MALFORMED),

@@ -505,3 +505,12 @@ def test_decoded_body_repr_hides_the_subject() -> None:
 def test_cli_show_reports_a_malformed_pass(tmp_path: Path) -> None:
     result = cli("show", "GP1:AB", cwd=tmp_path)
     assert result.returncode == 1 and json.loads(result.stdout)["valid_format"] is False
+
+
+@pytest.mark.parametrize("wrapping", [(b"", b"\r\n"), (b"", b"\n"), (b"\xef\xbb\xbf", b"")])
+def test_a_line_ending_or_bom_around_a_pass_does_not_spoil_it(wrapping: tuple[bytes, bytes]) -> None:
+    from scanner.credentials import CredentialReader
+
+    before, after = wrapping
+    credential = CredentialReader([VERIFIER.parse]).parse(before + issue().encode() + after, NOW)
+    assert credential.type == CredentialType.SIGNED and credential.problem is None, credential.detail

@@ -31,6 +31,9 @@ class CredentialReader:
         self._parsers = tuple(parsers)
 
     def parse(self, payload: bytes, now: datetime) -> Credential:
+        # Generators and apps add a byte-order mark or a line ending around the text; neither
+        # is part of any format (a trailing space can be: it is a Base45 character).
+        payload = payload.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n\x00")
         for parser in self._parsers:
             try:
                 credential = parser(payload, now)
