@@ -63,6 +63,7 @@ REFUSED_BACKOFF_MIN_S = 1.0
 UNACKED_MAX = 5000
 ACK_TIMEOUT_S = 30.0
 RESEND_MAX_S = 600.0
+NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT v5 PUBACK reason: accepted, and delivered to nobody
 ACK_MAX_BYTES = 64 * 1024  # 32 ranges of two 19-digit seqs fit a hundred times over
 REFUSED_BACKOFF_MAX_S = 60.0
 
@@ -523,6 +524,16 @@ class Publisher:
             return
         self._backoff = REFUSED_BACKOFF_MIN_S
         self._clear_alarm("publish_refused")
+        if reason_code.value == NO_MATCHING_SUBSCRIBERS:
+            # The broker accepted it and threw it away: nobody subscribes to check-ins (the
+            # consumer is down, or subscribes elsewhere). PUBACK is this mode's whole proof,
+            # so the row goes; the alarm tells operators their events are not arriving.
+            if "no_subscribers" not in self._active_alarms:
+                detail = f"broker {self._where}: no subscriber for {self._t_checkin}, check-ins dropped there"
+                log.error('%s (use a persistent subscriber or delivery = "collector")', detail)
+                self._alarm("no_subscribers", detail)
+        else:
+            self._clear_alarm("no_subscribers")
         if not self._collector:
             removable.append(seq)
         # delivery="collector": the row stays until the collector's ack; the cursor is past

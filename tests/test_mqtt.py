@@ -637,3 +637,24 @@ def test_an_ack_beyond_what_this_gate_sent_deletes_only_what_it_sent(tmp_path: P
     pub._on_ack(ack(1000, [[5, 9]]).encode())
     assert [seq for seq, _ in outbox.pending()] == [4, 5]
     outbox.close()
+
+
+def test_a_broker_with_no_subscriber_is_an_alarm_in_broker_mode(
+    broker: LocalBroker, gate: Any, subscribe: Any
+) -> None:
+    # MQTT v5 PUBACK 0x10: accepted and delivered to nobody. PUBACK is broker mode's proof, so
+    # the row goes, but operators must learn that their check-ins are not arriving.
+    alarms = Alarms()
+    pub, outbox, config = gate(broker, on_alarm=alarms)
+    assert pub.wait_connected(5)
+    outbox.append(event)
+    pub.wake()
+    assert alarms.event.wait(5), "no alarm for a check-in nobody received"
+    assert alarms.raised[0][0] == "no_subscribers"
+    assert pub.wait_drained(5)
+    subscribe(config.topic("checkin"))  # the consumer is back: the next check-in clears it
+    cleared = threading.Event()
+    pub._on_alarm_clear = lambda kind: cleared.set() if kind == "no_subscribers" else None
+    outbox.append(event)
+    pub.wake()
+    assert cleared.wait(5)
