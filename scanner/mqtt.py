@@ -434,10 +434,18 @@ class Publisher:
         self._online = True
         self._clear_alarm("connect_refused")
         self._clear_alarm("tls_failed")
-        # Leave room for availability and status next to the check-ins.
+        # A broker's Receive Maximum counts every unacknowledged QoS 1 publish, not only the
+        # check-ins, and going over it gets the connection closed (0x93). Leave room for what
+        # goes out beside them: availability, status and its re-publish, a command reply, and
+        # the Home Assistant discovery configs sent on connect.
+        discovery = 0
+        if self._config.homeassistant.enabled:
+            from scanner.telemetry import ha_discovery
+
+            discovery = len(ha_discovery(self._config, __version__))
         self._window = self._max_window
         if receive_max is not None:
-            self._window = max(1, min(self._max_window, receive_max - 2))
+            self._window = max(1, min(self._max_window, receive_max - 4 - discovery))
         # Everything still in the outbox gets another chance on this connection, except the
         # rows paho is resending itself under their old mids.
         self._cursor = 0

@@ -658,3 +658,31 @@ def test_a_broker_with_no_subscriber_is_an_alarm_in_broker_mode(
     outbox.append(event)
     pub.wake()
     assert cleared.wait(5)
+
+
+def test_the_check_in_window_leaves_room_under_the_brokers_receive_maximum(
+    tmp_broker_dir: Path, tmp_path: Path, subscribe: Any
+) -> None:
+    # mosquitto announces max_inflight_messages as its v5 Receive Maximum. Brokers that
+    # enforce it (HiveMQ: 10) close the connection when it is exceeded, and availability,
+    # status and the Home Assistant configs count too.
+    from scanner.telemetry import ha_discovery
+
+    with LocalBroker(tmp_broker_dir, extra_config="max_inflight_messages 10") as small:
+        base = make_config(small, tmp_path)
+        config = dataclasses.replace(
+            base, homeassistant=dataclasses.replace(base.homeassistant, enabled=True)
+        )
+        sub = subscribe(config.topic("checkin"), on=small)
+        outbox = Outbox(tmp_path / "o.db", max_events=100)
+        for _ in range(30):
+            outbox.append(event)
+        pub = Publisher(config, outbox, status=lambda: {}).start()
+        try:
+            assert sub.wait_for(lambda msgs: len(msgs) >= 30, timeout=10), seqs(sub, config.topic("checkin"))
+            discovery = len(ha_discovery(config, "test"))
+            assert pub._window == max(1, 10 - 4 - discovery)
+            assert pub.reconnects == 0
+        finally:
+            pub.stop(timeout=2.0)
+            outbox.close()
