@@ -12,6 +12,10 @@ until this collector says, on the device's ``ack`` topic, that the event is in t
    each commit the holes below a device's highest seq are looked up in the store, so two
    collectors sharing one store (``$share/collectors/…``) each acknowledge the union.
 
+A message that is no storable check-in is kept as it came in the store's ``rejected`` table;
+when it names its device (topic) and seq, that seq is acknowledged like a stored one, so one
+bad event neither stays in a gate's outbox for good nor leaves a hole that stalls ``upto``.
+
 Threads: paho's network thread runs the callbacks and only enqueues (paho holds its own
 lock there). One worker thread owns the store, every ``publish()`` and every ``ack()``.
 """
@@ -21,22 +25,26 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import logging
+import math
 import queue
 import re
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterable
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 from scanner import __version__
 from scanner.config import Config, ConfigError, from_table
 from scanner.events import SCHEMA as CHECKIN_SCHEMA
-from scanner.store import Store, StoredEvent, StoreError
+from scanner.store import RejectedEvent, Store, StoredEvent, StoreError
 
 if TYPE_CHECKING:  # paho is imported when a collector is built, not when the CLI parses
     import paho.mqtt.client as mqtt
@@ -52,7 +60,7 @@ BATCH_MAX = (
 )
 BATCH_S = 0.05  # longest a received event waits for its batch to fill
 LINGER_S = 0.002  # an empty queue for this long ends the batch early: commit what we have
-ACK_RANGES_MAX = 32  # ranges per ack above ``upto``; the gate drops the rest on the next ack
+ACK_RANGES_MAX = 32  # ranges per ack message above ``upto``; more runs go out in further acks
 REFRESH_SPAN = 20_000  # seqs above a device's contiguous one re-read from the store per commit
 STATUS_EVERY_S = 2.0
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0
@@ -64,8 +72,14 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _UUID7 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 _TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 _SUBJECT = re.compile(r"[0-9a-f]{32}")
+_REASON = re.compile(r"[a-z_]{1,64}")
+# PostgreSQL's text and jsonb take neither; SQLite's driver cannot encode a lone surrogate.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+JSON_DEPTH_MAX = 16  # a check-in nests 2 deep; PostgreSQL's jsonb parser has a stack limit
+SEQ_MAX = 2**63 - 1  # BIGINT
 
 ClientFactory = Callable[..., "mqtt.Client"]
+_Row = TypeVar("_Row")
 
 
 def load_config(path: str | Path) -> Config:
@@ -102,15 +116,64 @@ class InvalidEvent(ValueError):
     """Why a payload is not a storable check-in (never contains the payload itself)."""
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json takes NaN/Infinity; jsonb does not
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def _valid_seq(seq: object) -> TypeGuard[int]:
+    return isinstance(seq, int) and not isinstance(seq, bool) and 1 <= seq <= SEQ_MAX
+
+
+def _check_storable(doc: object) -> None:
+    """Every key and string free of what a store refuses; nesting bounded.
+
+    A loop, not recursion: json.loads already used most of the stack on a deep document.
+    """
+    stack: list[tuple[object, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _UNSTORABLE.search(value):
+                raise InvalidEvent("a string holds NUL or a lone surrogate")
+        elif isinstance(value, dict | list):
+            if depth >= JSON_DEPTH_MAX:
+                raise InvalidEvent(f"nested deeper than {JSON_DEPTH_MAX}")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if _UNSTORABLE.search(key):
+                        raise InvalidEvent("a key holds NUL or a lone surrogate")
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in value)
+
+
 def parse_event(topic: str, payload: bytes, prefix: str) -> StoredEvent:
-    """Validate one check-in against the v1 contract and the topic it came on."""
+    """Validate one check-in against the v1 contract and the topic it came on.
+
+    What passes must also be storable as it is in both stores: one event a store refuses
+    would otherwise fail the batch it arrived in.
+    """
     parts = topic.split("/")
     if len(parts) != 4 or parts[0] != prefix or parts[3] != "checkin":
         raise InvalidEvent("topic is not {prefix}/{site}/{device}/checkin")
     try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # Strict UTF-8 first: json.loads(bytes) would also accept UTF-16/32, which the
+        # stores' text columns then cannot take as is.
+        raw = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidEvent("not UTF-8") from None
+    try:
+        doc = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except (ValueError, RecursionError) as exc:
         raise InvalidEvent(f"not JSON ({type(exc).__name__})") from None
+    _check_storable(doc)
     if not isinstance(doc, dict):
         raise InvalidEvent("not a JSON object")
     if doc.get("schema") != CHECKIN_SCHEMA:
@@ -134,12 +197,15 @@ def parse_event(topic: str, payload: bytes, prefix: str) -> StoredEvent:
         raise InvalidEvent("site/device differ from the topic")
     direction = text("direction", choices=("in", "out"))
     ts = text("ts", _TS)
+    try:
+        datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ")  # 2026-13-45 fits the pattern, not timestamptz
+    except ValueError:
+        raise InvalidEvent("ts: not a valid time") from None
     decision = text("decision", choices=("accepted", "rejected"))
-    reason = text("reason")
-    if not reason or len(reason) > 64:
-        raise InvalidEvent("reason: empty or too long")
+    # A code, not free text: a newer gate's new reason still passes, prose does not.
+    reason = text("reason", _REASON)
     seq = doc.get("seq")
-    if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq < 2**63:
+    if not _valid_seq(seq):
         raise InvalidEvent("seq: missing or not a positive integer")
     if not isinstance(doc.get("clock_synced"), bool):
         raise InvalidEvent("clock_synced: missing or not a boolean")
@@ -160,8 +226,40 @@ def parse_event(topic: str, payload: bytes, prefix: str) -> StoredEvent:
         decision=decision,
         reason=reason,
         credential_type=credential["type"],
-        raw=payload.decode("utf-8"),
+        raw=raw,
     )
+
+
+def rejected_event(topic: str, payload: bytes, prefix: str, reason: str) -> RejectedEvent:
+    """The dead-letter row for a refused message, with the seq the gate needs acknowledged.
+
+    The seq counts only when the topic names a device (its ack goes there) and the payload
+    yields one in any encoding json reads: the gate then forgets a row this table now keeps.
+    """
+    parts = topic.split("/")
+    site = device = None
+    seq = None
+    if len(parts) == 4 and parts[0] == prefix and parts[3] == "checkin":
+        site, device = _printable(parts[1]), _printable(parts[2])
+        if _NAME.fullmatch(parts[1]) and _NAME.fullmatch(parts[2]):
+            try:
+                doc = json.loads(payload)
+            except (ValueError, RecursionError):
+                doc = None
+            candidate = doc.get("seq") if isinstance(doc, dict) else None
+            seq = candidate if _valid_seq(candidate) else None
+    return RejectedEvent(site=site, device=device, seq=seq, reason=_printable(reason), payload=payload)
+
+
+def _cause(exc: StoreError) -> str:
+    # The error text may quote the refused value, i.e. part of a payload: not for the log.
+    return type(exc.__cause__ or exc).__name__
+
+
+def _printable(text: str, limit: int = 500) -> str:
+    # Store error texts may quote the refused value; the reason column must not be refused too.
+    escaped = text[:limit].encode("ascii", "backslashreplace").decode("ascii")
+    return escaped.replace("\x00", "\\x00")
 
 
 # --- per-device sequence state -------------------------------------------------------------
@@ -212,11 +310,30 @@ class DeviceSeqs:
         return sum(hi - lo + 1 for lo, hi in self.holes(len(self.ranges)))
 
     def ack(self) -> dict[str, Any]:
-        return {
-            "schema": ACK_SCHEMA,
-            "upto": self.contiguous,
-            "ranges": [[lo, hi] for lo, hi in self.ranges[:ACK_RANGES_MAX]],
-        }
+        return self.acks()[0]
+
+    def acks(self, seqs: Iterable[int] = ()) -> list[dict[str, Any]]:
+        """What to tell the gate after ``seqs`` were handled: one ack, more past 32 runs.
+
+        The gate removes whatever runs an ack names (DESIGN §4), so with more runs than one
+        ack holds, the runs holding ``seqs`` go first (their rows can go now), in as many
+        acks as they need, and the highest others fill the last. Naming the lowest runs
+        instead would ack nothing new once a gate has 32 holes.
+        """
+        runs = self.ranges
+        if len(runs) <= ACK_RANGES_MAX:
+            return [self._ack_body(runs)]
+        starts = [lo for lo, _ in runs]
+        wanted = sorted({bisect_right(starts, s) - 1 for s in seqs if s > self.contiguous})
+        chunks = [wanted[i : i + ACK_RANGES_MAX] for i in range(0, len(wanted), ACK_RANGES_MAX)] or [[]]
+        taken = set(wanted)
+        others = (i for i in range(len(runs) - 1, -1, -1) if i not in taken)
+        last = chunks[-1]
+        last += itertools.islice(others, ACK_RANGES_MAX - len(last))
+        return [self._ack_body([runs[i] for i in sorted(chunk)]) for chunk in chunks]
+
+    def _ack_body(self, runs: Iterable[tuple[int, int]]) -> dict[str, Any]:
+        return {"schema": ACK_SCHEMA, "upto": self.contiguous, "ranges": [[lo, hi] for lo, hi in runs]}
 
 
 # --- the collector -------------------------------------------------------------------------
@@ -269,6 +386,7 @@ class Collector:
         self.insert_s = 0.0
         self.insert_events = 0
         self.store_errors = 0
+        self.rejected = 0
 
         self._client = self._make_client(client_factory)
 
@@ -340,6 +458,7 @@ class Collector:
                 "stored": self.stored,
                 "duplicates": self.duplicates,
                 "invalid": self.invalid,
+                "rejected": self.rejected,
                 "acks_sent": self.acks_sent,
                 "batches": self.batches,
                 "store_errors": self.store_errors,
@@ -466,32 +585,71 @@ class Collector:
 
     def _process(self, messages: list[tuple[Any, ...]]) -> None:
         events: dict[str, StoredEvent] = {}
-        invalid = 0
+        refused: list[RejectedEvent] = []
         for _, topic, payload, _mid, _qos, _gen in messages:
             try:
                 event = parse_event(topic, payload, self._prefix)
             except InvalidEvent as exc:
-                invalid += 1
+                dead = rejected_event(topic, payload, self._prefix, str(exc))
+                refused.append(dead)
                 # The payload may hold anything, personal data included: never log it.
-                log.warning("invalid check-in on %s (%d bytes): %s", topic, len(payload), exc)
+                log.warning(
+                    "invalid check-in on %s (%d bytes, seq %s): %s; kept in the rejected table",
+                    topic,
+                    len(payload),
+                    "unknown, so not acknowledged" if dead.seq is None else dead.seq,
+                    exc,
+                )
                 continue
             events.setdefault(event.event_id, event)
+        invalid = len(refused)
         batch = list(events.values())
-        inserted = self._insert(batch)
-        if inserted is None:
+        outcome = self._insert(batch)
+        if outcome is None:
             return  # stopping with the batch uncommitted: no acks; the broker or gate resends
-        acks = self._account(batch)
+        inserted, unstorable = outcome
+        for event, exc in unstorable:
+            log.warning(
+                "store refused check-in seq %d of %s/%s (%s); kept in the rejected table",
+                event.seq,
+                event.site,
+                event.device,
+                _cause(exc),
+            )
+            refused.append(
+                RejectedEvent(
+                    site=event.site,
+                    device=event.device,
+                    seq=event.seq,
+                    reason=_printable(f"store refused it: {exc}"),
+                    payload=event.raw.encode("utf-8"),  # the bytes that came: raw is their strict decoding
+                )
+            )
+        kept = self._dead_letter(refused)
+        if kept is None:
+            return
+        lost = set() if kept else {event.event_id for event, _exc in unstorable}
+        handled = [(e.site, e.device, e.seq) for e in batch if e.event_id not in lost]
+        if kept:
+            # Kept centrally now: the gate may forget these rows too, or its outbox would hold
+            # them (and a hole below everything after them) for good.
+            handled += [
+                (r.site, r.device, r.seq) for r in refused if r.seq is not None and r.site and r.device
+            ]
+        acks = self._account(handled)
         # Count before acking: whoever sees an ack (a test, an operator) must find it counted.
         with self._lock:
             self.stored += inserted
-            self.duplicates += len(messages) - invalid - inserted
+            self.duplicates += len(messages) - invalid - inserted - len(unstorable)
             self.invalid += invalid
-            self.acks_sent += len(acks)
+            self.rejected += len(refused) if kept else 0
+            self.acks_sent += sum(len(bodies) for bodies in acks.values())
             self.batches += 1
-        for (site, device), body in acks.items():
+        for (site, device), bodies in acks.items():
             topic = f"{self._prefix}/{site}/{device}/ack"
-            self._client.publish(topic, json.dumps(body, separators=(",", ":")), qos=1, retain=False)
-        # Only now tell the broker it may forget these messages (invalid ones included:
+            for body in bodies:
+                self._client.publish(topic, json.dumps(body, separators=(",", ":")), qos=1, retain=False)
+        # Only now tell the broker it may forget these messages (refused ones included:
         # redelivering them would not make them valid).
         for _, _topic, _payload, mid, qos, gen in messages:
             # A mid from an earlier connection may name another message now; the broker
@@ -499,31 +657,70 @@ class Collector:
             if qos > 0 and gen == self._current_gen:
                 self._client.ack(mid, qos)
 
-    def _insert(self, batch: list[StoredEvent]) -> int | None:
-        """Commit the batch, retrying with backoff while the store fails; None if stopping."""
+    def _insert(self, batch: list[StoredEvent]) -> tuple[int, list[tuple[StoredEvent, StoreError]]] | None:
+        """Commit the batch: how many were new, and the events the store refused; None if stopping."""
+        started = time.perf_counter()
+        refused: list[tuple[StoredEvent, StoreError]] = []
+        try:
+            inserted = self._retry(self._store.insert_batch, batch)
+        except StoreError as exc:
+            # Retrying would fail forever and hold every gate's events behind the one the
+            # store refuses: find it by storing the events one at a time.
+            log.warning(
+                "store refused a batch of %d events (%s); storing them one by one", len(batch), _cause(exc)
+            )
+            inserted = 0
+            for event in batch:
+                try:
+                    one = self._retry(self._store.insert_batch, [event])
+                except StoreError as exc:
+                    refused.append((event, exc))
+                    continue
+                if one is None:
+                    return None
+                inserted += one
+        if inserted is None:
+            return None
+        with self._lock:
+            self.insert_s += time.perf_counter() - started
+            self.insert_events += len(batch)
+        return inserted, refused
+
+    def _dead_letter(self, refused: list[RejectedEvent]) -> bool | None:
+        """Keep the refused messages in the store: True if kept, False if not, None if stopping."""
+        if not refused:
+            return True
+        try:
+            return None if self._retry(self._store.insert_rejected, refused) is None else True
+        except StoreError as exc:
+            # Not kept, so not acknowledged: the gates keep these events and send them again.
+            log.error("cannot keep %d refused events in the store (%s)", len(refused), _cause(exc))
+            return False
+
+    def _retry(self, write: Callable[[Sequence[_Row]], int], rows: Sequence[_Row]) -> int | None:
+        """``write(rows)``, again with backoff while the store is unavailable; None if stopping.
+
+        A StoreError the data causes (not transient) is raised: the same rows would fail again.
+        """
         delay = RETRY_MIN_S
         while True:
-            started = time.perf_counter()
             try:
-                inserted = self._store.insert_batch(batch)
+                return write(rows)
             except StoreError as exc:
                 with self._lock:
                     self.store_errors += 1
-                log.error("store: %s; retrying in %.1f s (%d events held)", exc, delay, len(batch))
+                if not exc.transient:
+                    raise
+                log.error("store: %s; retrying in %.1f s (%d rows held)", exc, delay, len(rows))
                 if self._stop.wait(delay):
                     return None
                 delay = min(delay * 2, RETRY_MAX_S)
-                continue
-            with self._lock:
-                self.insert_s += time.perf_counter() - started
-                self.insert_events += len(batch)
-            return inserted
 
-    def _account(self, batch: list[StoredEvent]) -> dict[tuple[str, str], dict[str, Any]]:
-        """Merge committed seqs into each device's state; return the ack to send per device."""
+    def _account(self, handled: list[tuple[str, str, int]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """Merge handled seqs into each device's state; return the acks to send per device."""
         by_device: dict[tuple[str, str], list[int]] = {}
-        for event in batch:
-            by_device.setdefault((event.site, event.device), []).append(event.seq)
+        for site, device, seq in handled:
+            by_device.setdefault((site, device), []).append(seq)
         acks = {}
         for key, seqs in by_device.items():
             with self._lock:
@@ -541,7 +738,7 @@ class Collector:
             if runs:
                 with self._lock:
                     state.add_ranges(runs)
-            acks[key] = state.ack()
+            acks[key] = state.acks(seqs)
         return acks
 
     def _maybe_status(self) -> None:
@@ -575,6 +772,7 @@ class Collector:
             "events_stored": stats["stored"],
             "duplicates": stats["duplicates"],
             "invalid": stats["invalid"],
+            "rejected": stats["rejected"],
             "devices": devices,
         }
         if self._connected.is_set() or force:

@@ -4,6 +4,9 @@ Two backends behind one small class shape: SQLite for one site with no setup
 (``sqlite:PATH``: WAL, ``synchronous=FULL``, file 0600) and PostgreSQL when it grows
 (``postgresql://…`` via psycopg 3). One table; the raw JSON is kept next to the columns the
 collector and ``trace`` query on, so nothing a gate sent is ever lost to a column choice.
+What the collector cannot store as a check-in goes to a dead-letter table, ``rejected``, as
+the bytes that arrived (a check-in holds no personal data beyond pseudonyms by design): the
+gate may then forget it, and it is still kept centrally for whoever can repair it.
 
 ``ts`` is the gate's scan time. SQLite keeps it as the gate's RFC 3339 text (fixed width,
 always ``Z``, so text order is time order); PostgreSQL as ``timestamptz``. Callers pass
@@ -14,6 +17,7 @@ Not thread-safe: one thread (the collector's worker, or ``trace``) owns a store.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -24,7 +28,15 @@ from typing import Any, Protocol
 
 
 class StoreError(Exception):
-    """The store cannot be opened or written; the message names the store, never a password."""
+    """The store cannot be opened or written; the message names the store, never a password.
+
+    ``transient`` is false when the data, not the store, is at fault (a value the database
+    refuses): retrying the same rows cannot succeed, storing the others one by one can.
+    """
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +55,21 @@ class StoredEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class RejectedEvent:
+    """A message the collector refused, kept as it arrived.
+
+    ``site``/``device`` come from the topic; ``seq`` only when the topic names the device
+    and the payload a usable seq (the gate then gets it acknowledged).
+    """
+
+    site: str | None
+    device: str | None
+    seq: int | None
+    reason: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Visit:
     subject: str | None
     site: str
@@ -57,6 +84,8 @@ class Store(Protocol):
     kind: str
 
     def insert_batch(self, events: Sequence[StoredEvent]) -> int: ...
+    def insert_rejected(self, events: Sequence[RejectedEvent]) -> int: ...
+    def rejected(self) -> list[RejectedEvent]: ...
     def islands(self) -> dict[tuple[str, str], list[tuple[int, int]]]: ...
     def seqs_between(self, site: str, device: str, lo: int, hi: int) -> list[int]: ...
     def islands_between(self, site: str, device: str, lo: int, hi: int) -> list[tuple[int, int]]: ...
@@ -81,19 +110,29 @@ _COLUMNS = (
 )
 _VISIT = "subject, site, device, direction, ts, decision, reason"
 
+_REJECTED = ("site", "device", "seq", "reason", "payload")
+
 # Gaps and islands: consecutive seqs share (seq - row_number), so each group is one run.
+# A dead-lettered seq is handled (acknowledged, kept) just like a stored one: no gap. UNION
+# also folds a seq held twice (two event_ids) into one, which the row_number trick needs.
 _ISLANDS = """
 SELECT site, device, MIN(seq), MAX(seq) FROM (
     SELECT site, device, seq, seq - ROW_NUMBER() OVER (PARTITION BY site, device ORDER BY seq) AS grp
-    FROM checkins
+    FROM (
+        SELECT site, device, seq FROM checkins
+        UNION SELECT site, device, seq FROM rejected WHERE seq IS NOT NULL
+    ) handled
 ) runs GROUP BY site, device, grp ORDER BY site, device, MIN(seq)
 """
 
 
 _ISLANDS_BETWEEN = """
 SELECT MIN(seq), MAX(seq) FROM (
-    SELECT seq, seq - ROW_NUMBER() OVER (ORDER BY seq) AS grp
-    FROM checkins WHERE site = ? AND device = ? AND seq BETWEEN ? AND ?
+    SELECT seq, seq - ROW_NUMBER() OVER (ORDER BY seq) AS grp FROM (
+        SELECT seq FROM checkins WHERE site = ? AND device = ? AND seq BETWEEN ? AND ?
+        UNION SELECT seq FROM rejected
+        WHERE site = ? AND device = ? AND seq BETWEEN ? AND ? AND seq IS NOT NULL
+    ) handled
 ) runs GROUP BY grp ORDER BY MIN(seq)
 """
 
@@ -162,6 +201,18 @@ class SqliteStore:
                 CREATE INDEX IF NOT EXISTS checkins_device_seq ON checkins (site, device, seq);
                 CREATE INDEX IF NOT EXISTS checkins_subject_ts ON checkins (subject, ts);
                 CREATE INDEX IF NOT EXISTS checkins_site_ts ON checkins (site, ts);
+                CREATE TABLE IF NOT EXISTS rejected (
+                    id INTEGER PRIMARY KEY,
+                    received TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+                    site TEXT,
+                    device TEXT,
+                    seq INTEGER,
+                    reason TEXT NOT NULL,
+                    payload BLOB NOT NULL,
+                    CHECK (seq IS NULL OR (site IS NOT NULL AND device IS NOT NULL))
+                );
+                CREATE UNIQUE INDEX IF NOT EXISTS rejected_device_seq
+                    ON rejected (site, device, seq) WHERE seq IS NOT NULL;
                 """
             )
         except (OSError, sqlite3.Error) as exc:
@@ -171,18 +222,44 @@ class SqliteStore:
         """Store the events in one transaction (one fsync); return how many were new."""
         if not events:
             return 0
-        conn = self._conn
         sql = f"INSERT INTO checkins ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
         sql += "ON CONFLICT (event_id) DO NOTHING"
+        return self._write(sql, [_row(e) for e in events])
+
+    def insert_rejected(self, events: Sequence[RejectedEvent]) -> int:
+        """Dead-letter the events in one transaction; a known (site, device, seq) only once."""
+        if not events:
+            return 0
+        sql = f"INSERT INTO rejected ({', '.join(_REJECTED)}) VALUES ({', '.join('?' * len(_REJECTED))}) "
+        sql += "ON CONFLICT DO NOTHING"
+        return self._write(sql, [_rejected_row(e) for e in events])
+
+    def rejected(self) -> list[RejectedEvent]:
+        rows = self._query(f"SELECT {', '.join(_REJECTED)} FROM rejected ORDER BY id", ())
+        return [
+            RejectedEvent(site, device, seq, reason, bytes(payload))
+            for site, device, seq, reason, payload in rows
+        ]
+
+    def _write(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
+        conn = self._conn
         try:
             before = conn.total_changes
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(sql, [_row(e) for e in events])
+            conn.executemany(sql, rows)
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except BaseException as exc:
+            # Whatever stopped us (a value sqlite3 cannot bind raises UnicodeEncodeError, not
+            # sqlite3.Error), an open transaction would swallow the next batch's COMMIT.
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise StoreError(f"sqlite:{self.path}: insert failed: {exc}") from exc
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if not isinstance(exc, Exception):
+                raise
+            # Locked, busy, I/O, disk full heal by waiting; a value sqlite refuses does not.
+            refused = sqlite3.IntegrityError | sqlite3.DataError | sqlite3.InterfaceError
+            transient = isinstance(exc, sqlite3.Error) and not isinstance(exc, refused)
+            raise StoreError(f"sqlite:{self.path}: insert failed: {exc}", transient=transient) from exc
         return conn.total_changes - before
 
     def islands(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
@@ -196,8 +273,8 @@ class SqliteStore:
         return [int(r[0]) for r in rows]
 
     def islands_between(self, site: str, device: str, lo: int, hi: int) -> list[tuple[int, int]]:
-        """The runs of consecutive stored seqs of one device within [lo, hi]."""
-        rows = self._query(_ISLANDS_BETWEEN, (site, device, lo, hi))
+        """The runs of consecutive handled (stored or dead-lettered) seqs of one device in [lo, hi]."""
+        rows = self._query(_ISLANDS_BETWEEN, (site, device, lo, hi) * 2)
         return [(int(a), int(b)) for a, b in rows]
 
     def count(self) -> int:
@@ -241,6 +318,7 @@ class PostgresStore:
                 "PostgreSQL store needs psycopg 3: pip install 'gate-scanner[postgres]'"
             ) from exc
         self._psycopg = psycopg
+        self._url = url
         self._where = _redact(url)
         try:
             self._conn = psycopg.connect(url, autocommit=False, connect_timeout=10)
@@ -271,6 +349,24 @@ class PostgresStore:
                     ("checkins_site_ts", "site, ts"),
                 ):
                     self._conn.execute(f"CREATE INDEX IF NOT EXISTS {name} ON checkins ({cols})")
+                self._conn.execute(
+                    """
+                    CREATE TABLE IF NOT EXISTS rejected (
+                        id BIGSERIAL PRIMARY KEY,
+                        received TIMESTAMPTZ NOT NULL DEFAULT now(),
+                        site TEXT,
+                        device TEXT,
+                        seq BIGINT,
+                        reason TEXT NOT NULL,
+                        payload BYTEA NOT NULL,
+                        CHECK (seq IS NULL OR (site IS NOT NULL AND device IS NOT NULL))
+                    )
+                    """
+                )
+                self._conn.execute(
+                    "CREATE UNIQUE INDEX IF NOT EXISTS rejected_device_seq "
+                    "ON rejected (site, device, seq) WHERE seq IS NOT NULL"
+                )
         except psycopg.Error as exc:
             raise StoreError(f"cannot open {self._where}: {exc}") from exc
 
@@ -297,13 +393,48 @@ class PostgresStore:
             f"INSERT INTO checkins ({', '.join(_COLUMNS)}) SELECT * FROM unnest({arrays}) "
             "ON CONFLICT (event_id) DO NOTHING"
         )
+        return self._write(sql, [[list(c) for c in cols]])
+
+    def insert_rejected(self, events: Sequence[RejectedEvent]) -> int:
+        """Dead-letter the events in one transaction; a known (site, device, seq) only once."""
+        if not events:
+            return 0
+        sql = f"INSERT INTO rejected ({', '.join(_REJECTED)}) VALUES ({', '.join(['%s'] * len(_REJECTED))}) "
+        sql += "ON CONFLICT DO NOTHING"
+        return self._write(sql, [_rejected_row(e) for e in events])
+
+    def rejected(self) -> list[RejectedEvent]:
+        rows = self._query(f"SELECT {', '.join(_REJECTED)} FROM rejected ORDER BY id", ())
+        return [
+            RejectedEvent(site, device, seq, reason, bytes(payload))
+            for site, device, seq, reason, payload in rows
+        ]
+
+    def _write(self, sql: str, rows: list[Sequence[Any]]) -> int:
+        psycopg = self._psycopg
         try:
-            with self._conn.transaction(), self._conn.cursor() as cur:
-                cur.execute(sql, [list(c) for c in cols])
-                inserted = cur.rowcount
-        except self._psycopg.Error as exc:
-            raise StoreError(f"{self._where}: insert failed: {exc}") from exc
-        return max(inserted, 0)
+            conn = self._connection()
+            inserted = 0
+            # The transaction block rolls back on any exception, BaseException included.
+            with conn.transaction(), conn.cursor() as cur:
+                for row in rows:
+                    cur.execute(sql, row)
+                    inserted += max(cur.rowcount, 0)
+        except Exception as exc:
+            # A value the server refuses (class 22/23) or psycopg cannot send (a NUL, a lone
+            # surrogate) stays refused; a lost or busy server does not.
+            transient = isinstance(exc, psycopg.Error) and not isinstance(
+                exc, psycopg.DataError | psycopg.IntegrityError
+            )
+            raise StoreError(f"{self._where}: insert failed: {exc}", transient=transient) from exc
+        return inserted
+
+    def _connection(self) -> Any:
+        # A restarted server or a cut link closes a psycopg connection for good: without a
+        # new one, every retry of the collector's would fail the same way.
+        if self._conn.closed:
+            self._conn = self._psycopg.connect(self._url, autocommit=False, connect_timeout=10)
+        return self._conn
 
     def islands(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
         return _group_islands(self._query(_ISLANDS, ()))
@@ -316,7 +447,7 @@ class PostgresStore:
         return [int(r[0]) for r in rows]
 
     def islands_between(self, site: str, device: str, lo: int, hi: int) -> list[tuple[int, int]]:
-        rows = self._query(_ISLANDS_BETWEEN.replace("?", "%s"), (site, device, lo, hi))
+        rows = self._query(_ISLANDS_BETWEEN.replace("?", "%s"), (site, device, lo, hi) * 2)
         return [(int(a), int(b)) for a, b in rows]
 
     def count(self) -> int:
@@ -340,8 +471,9 @@ class PostgresStore:
 
     def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         try:
-            with self._conn.transaction():
-                return self._conn.execute(sql, params).fetchall()
+            conn = self._connection()
+            with conn.transaction():
+                return conn.execute(sql, params).fetchall()
         except self._psycopg.Error as exc:
             raise StoreError(f"{self._where}: query failed: {exc}") from exc
 
@@ -363,6 +495,10 @@ def _row(e: StoredEvent) -> tuple[Any, ...]:
         e.credential_type,
         e.raw,
     )
+
+
+def _rejected_row(e: RejectedEvent) -> tuple[Any, ...]:
+    return (e.site, e.device, e.seq, e.reason, e.payload)
 
 
 def _pg_visit(row: tuple[Any, ...]) -> Visit:

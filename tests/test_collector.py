@@ -15,15 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from scanner import collector as collector_module
 from scanner import events
-from scanner.collector import Collector, DeviceSeqs, InvalidEvent, parse_event
+from scanner.collector import Collector, DeviceSeqs, InvalidEvent, parse_event, rejected_event
 from scanner.config import Config, from_table
 from scanner.localbroker import LocalBroker
 from scanner.models import CheckinEvent
 from scanner.mqtt import Publisher
 from scanner.outbox import Outbox
 from scanner.outboxbench import fill_outbox
-from scanner.store import Store, StoredEvent, open_store
+from scanner.store import RejectedEvent, Store, StoredEvent, StoreError, open_store
 from tests import pg
 from tests.conftest import unique_name
 from tests.mqtt_helpers import Subscriber, wait_until
@@ -126,6 +127,20 @@ def test_device_seqs_tracks_contiguous_and_ranges():
     assert len(many.ack()["ranges"]) == 32 and many.ack()["upto"] == 0
 
 
+def test_acks_past_32_holes_name_the_runs_just_handled():
+    state = DeviceSeqs()
+    state.add(range(2, 82, 2))  # 40 runs above upto 0
+    state.add([100, 101])
+    (ack,) = state.acks([100, 101])
+    assert ack["upto"] == 0 and len(ack["ranges"]) == 32
+    assert [100, 101] in ack["ranges"]  # the lowest 32 runs would never name it
+    # A batch touching more runs than one ack holds gets them all, over several acks.
+    handled = list(range(2, 82, 2))
+    sent = state.acks(handled)
+    assert all(len(a["ranges"]) <= 32 for a in sent) and len(sent) == 2
+    assert {s for a in sent for lo, hi in a["ranges"] for s in range(lo, hi + 1)} >= set(handled)
+
+
 def _event(**changes: object) -> dict:
     event = CheckinEvent(
         event_id=events.Uuid7().new(),
@@ -146,6 +161,13 @@ def _event(**changes: object) -> dict:
 
 
 TOPIC = f"gate/{SITE}/gate-a/checkin"
+NESTED_50: list = []
+for _ in range(50):
+    NESTED_50 = [NESTED_50]
+# Deeper than json.loads can recurse: RecursionError, not ValueError.
+DEEP_100K = (
+    json.dumps(_event(note=0)).replace('"note": 0', '"note": ' + "[" * 100_000 + "]" * 100_000).encode()
+)
 
 
 @pytest.mark.parametrize(
@@ -161,6 +183,18 @@ TOPIC = f"gate/{SITE}/gate-a/checkin"
         (json.dumps(_event(credential={"type": "plain", "subject": "079123456789"})).encode(), TOPIC),
         (json.dumps(_event()).encode(), f"gate/{SITE}/gate-b/checkin"),  # speaks for another gate
         (b"\xff\xfe", TOPIC),
+        # What the stores cannot take: NUL (jsonb, text) and lone surrogates (both drivers).
+        (json.dumps(_event(reason="ok\u0000")).encode(), TOPIC),
+        (json.dumps(_event(reason="\ud800")).encode(), TOPIC),
+        (json.dumps(_event(note={"k\u0000": 1})).encode(), TOPIC),
+        (json.dumps(_event(note=["\udfff"])).encode(), TOPIC),
+        (json.dumps(_event()).encode("utf-16"), TOPIC),
+        (json.dumps(_event(note=NESTED_50)).encode(), TOPIC),
+        (DEEP_100K, TOPIC),
+        (json.dumps(_event(note=float("nan"))).encode(), TOPIC),
+        (json.dumps(_event(reason="Card 079123456789 refused")).encode(), TOPIC),
+        (json.dumps(_event(reason="")).encode(), TOPIC),
+        (json.dumps(_event(ts="2026-13-45T00:00:00.000Z")).encode(), TOPIC),
     ],
 )
 def test_invalid_events_are_refused_without_echoing_the_payload(payload: bytes, topic: str):
@@ -192,6 +226,69 @@ def test_store_is_idempotent_and_recomputes_islands(kind: str, tmp_path: Path):
         store.close()
     if kind == "sqlite":
         assert (tmp_path / "collector.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_refused_message_keeps_its_seq_only_when_topic_and_payload_name_it():
+    utf16 = json.dumps(_event(seq=7)).encode("utf-16")
+    dead = rejected_event(TOPIC, utf16, "gate", "not UTF-8")
+    assert (dead.site, dead.device, dead.seq, dead.payload) == (SITE, "gate-a", 7, utf16)
+    assert rejected_event(TOPIC, b"{", "gate", "x").seq is None
+    assert rejected_event(TOPIC, json.dumps(_event(seq=2**63)).encode(), "gate", "x").seq is None
+    assert rejected_event(TOPIC, json.dumps(_event(seq=True)).encode(), "gate", "x").seq is None
+    wrong = rejected_event("other/site-1/gate-a/checkin", json.dumps(_event()).encode(), "gate", "x")
+    assert (wrong.site, wrong.device, wrong.seq) == (None, None, None)
+    # The reason column takes what the store refused, but never a NUL or a lone surrogate.
+    assert rejected_event(TOPIC, b"", "gate", "bad \x00 \ud800").reason == "bad \\x00 \\ud800"
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_store_refuses_an_unstorable_row_as_data_and_stays_usable(kind: str, tmp_path: Path):
+    store = open_store(pg.store_url(kind, tmp_path))
+    try:
+        poisoned = [_replace(_stored(1), reason="\ud800")]
+        if kind == "postgresql":
+            poisoned.append(_replace(_stored(1), raw='{"a": "\\u0000"}'))
+        for poison in poisoned:
+            with pytest.raises(StoreError) as info:
+                store.insert_batch([_stored(2), poison])
+            assert info.value.transient is False  # retrying the same rows cannot help
+        # Rolled back, not left open: the next batch commits (and the good row is new).
+        assert store.insert_batch([_stored(2)]) == 1
+        dead = RejectedEvent(SITE, "gate-a", 3, "x", b"\x00\xff")
+        assert store.insert_rejected([dead, dead]) == 1  # idempotent on (site, device, seq)
+        assert store.insert_rejected([dead, RejectedEvent(SITE, None, None, "y", b"")]) == 1
+        assert store.rejected() == [dead, RejectedEvent(SITE, None, None, "y", b"")]
+        # A dead-lettered seq is handled: no gap between 2 and 4.
+        store.insert_batch([_stored(4)])
+        assert store.islands() == {(SITE, "gate-a"): [(2, 4)]}
+        assert store.islands_between(SITE, "gate-a", 1, 10) == [(2, 4)]
+        assert store.count() == 2 and store.seqs_between(SITE, "gate-a", 1, 10) == [2, 4]
+    finally:
+        store.close()
+
+
+def test_postgres_store_reconnects_after_losing_its_connection():
+    import psycopg
+
+    url = pg.new_database()
+    store = open_store(url)
+    try:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", [store._conn.info.backend_pid])  # type: ignore[attr-defined]
+        try:
+            store.insert_batch([_stored(1)])
+        except StoreError as exc:
+            assert exc.transient  # the collector retries: the next attempt reconnects
+            store.insert_batch([_stored(1)])
+        assert store.seqs_between(SITE, "gate-a", 1, 10) == [1]
+    finally:
+        store.close()
+
+
+def _replace(event: StoredEvent, **changes: object) -> StoredEvent:
+    import dataclasses
+
+    return dataclasses.replace(event, **changes)  # type: ignore[arg-type]
 
 
 def _stored(seq: int, device: str = "gate-a") -> StoredEvent:
@@ -349,7 +446,8 @@ def test_gaps_invalid_payloads_and_duplicates(broker: LocalBroker, url: str, sub
         assert sub.wait_for(lambda _m: want in acks(sub, "dev"), 10), acks(sub, "dev")
         assert sub.wait_for(lambda _m: _status_gaps(sub, prefix, "dev") == (2, 1, 1), 10)
 
-        # Invalid payloads: counted, never stored, never acknowledged.
+        # Invalid payloads: counted, never stored as check-ins, kept in ``rejected``; the one
+        # that names a usable seq (1) is acknowledged so the gate can forget it.
         bad = [
             b"{",
             json.dumps(_event(seq=1, device="bad", schema="x")),
@@ -370,8 +468,9 @@ def test_gaps_invalid_payloads_and_duplicates(broker: LocalBroker, url: str, sub
         collector.stop()
         store.close()
     # The collector's acks for "dev" went out after the invalid ones were handled: in order.
-    assert acks(sub, "bad") == []
-    assert stats["duplicates"] == 1 and stats["stored"] == 4
+    assert {"schema": "gate-scanner/ack/1", "upto": 1, "ranges": []} in acks(sub, "bad")
+    assert all(a["upto"] <= 1 and not a["ranges"] for a in acks(sub, "bad"))
+    assert stats["duplicates"] == 1 and stats["stored"] == 4 and stats["rejected"] == 3
     assert stored_seqs(url, "dev") == [1, 2, 3, 4] and stored_seqs(url, "bad") == []
 
 
@@ -409,3 +508,108 @@ def _toml(table: dict[str, dict]) -> str:
         lines.append(f"[{section}]")
         lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
+
+
+def _poisons(device: str) -> dict[int | None, bytes]:
+    """Check-ins from one gate that are no storable check-in, by the seq they carry."""
+    docs = {seq: _event(seq=seq, device=device) for seq in range(1, 8)}
+    docs[1]["reason"] = "ok\u0000"  # jsonb and text refuse NUL
+    docs[2]["reason"] = "\ud800"  # no driver encodes a lone surrogate
+    docs[4]["note"] = NESTED_50
+    docs[5]["reason"] = "Refused: see the operator"
+    docs[6]["note"] = "TINY"  # becomes 1e-400000: 0.0 to Python, beyond PostgreSQL's numeric
+    docs[7]["note"] = float("nan")
+    out: dict[int | None, bytes] = {seq: json.dumps(doc).encode() for seq, doc in docs.items()}
+    out[6] = out[6].replace(b'"TINY"', b"1e-400000")
+    out[3] = json.dumps(docs[3]).encode("utf-16")
+    out[None] = DEEP_100K.replace(b'"device": "gate-a"', f'"device": "{device}"'.encode())
+    return out
+
+
+def test_poisoned_checkins_are_dead_lettered_and_acked_while_the_rest_flows(
+    broker: LocalBroker, url: str, subscribe, monkeypatch: pytest.MonkeyPatch
+):
+    """One batch mixes good events with payloads no store can take: the good ones are stored
+    and acked, the bad ones kept in ``rejected`` (and acked where they carry a seq), and the
+    collector goes on storing afterwards."""
+    # Everything published below lands in one batch: it ends after 0.5 s of quiet.
+    monkeypatch.setattr(collector_module, "LINGER_S", 0.5)
+    prefix = unique_name("t")
+    base = f"{prefix}/{SITE}"
+    store = open_store(url)
+    collector = Collector(collector_config(broker, prefix, url, "poison"), store, batch_s=5.0).start()
+    try:
+        assert collector.wait_subscribed(10)
+        sub = subscribe(f"{base}/+/ack")
+        poisons = _poisons("bad")
+        infos = []
+        for seq in range(1, 6):
+            infos.append(
+                sub.client.publish(f"{base}/good/checkin", json.dumps(_event(seq=seq, device="good")), qos=1)
+            )
+            infos += [
+                sub.client.publish(f"{base}/bad/checkin", p, qos=1) for s, p in poisons.items() if s == seq
+            ]
+        infos += [
+            sub.client.publish(f"{base}/bad/checkin", p, qos=1)
+            for s, p in poisons.items()
+            if s is None or s > 5
+        ]
+        for info in infos:
+            info.wait_for_publish(5)
+        assert sub.wait_for(lambda _m: _acked(sub, "good") >= 5 and _acked(sub, "bad") >= 7, 10), (
+            acks(sub, "good"),
+            acks(sub, "bad"),
+        )
+        assert collector.stats()["batches"] == 1
+        # Still storing: PostgreSQL is not stuck retrying the batch that held the NUL.
+        sub.publish(f"{base}/good/checkin", json.dumps(_event(seq=6, device="good")))
+        assert sub.wait_for(lambda _m: _acked(sub, "good") == 6, 10), acks(sub, "good")
+        stats = collector.stats()
+        dead = store.rejected()
+    finally:
+        collector.stop()
+        store.close()
+    assert stored_seqs(url, "good") == [1, 2, 3, 4, 5, 6]
+    # SQLite keeps the tiny number as text; PostgreSQL refuses it and the split finds it.
+    refused_by_store = [6] if url.startswith("postgres") else []
+    assert stored_seqs(url, "bad") == ([] if refused_by_store else [6])
+    assert sorted(d.seq for d in dead if d.seq is not None) == sorted([1, 2, 3, 4, 5, 7, *refused_by_store])
+    assert [d.seq for d in dead if d.seq is None] == [None]  # too deep to read: kept, cannot be acked
+    by_seq = {d.seq: d for d in dead}
+    assert by_seq[3].payload == poisons[3] and (by_seq[3].site, by_seq[3].device) == (SITE, "bad")
+    assert stats["invalid"] == 7 and stats["rejected"] == 7 + len(refused_by_store)
+    assert stats["stored"] == 6 + 1 - len(refused_by_store)
+
+
+def _acked(sub: Subscriber, device: str) -> int:
+    return max((a["upto"] for a in acks(sub, device)), default=0)
+
+
+def test_new_events_are_acked_past_32_holes(broker: LocalBroker, url: str, subscribe):
+    prefix = unique_name("t")
+    base = f"{prefix}/{SITE}"
+    store = open_store(url)
+    collector = Collector(collector_config(broker, prefix, url, "holes"), store).start()
+    try:
+        assert collector.wait_subscribed(10)
+        sub = subscribe(f"{base}/+/ack")
+        # Odd seqs never arrive (lost at the gate, say): 40 holes below everything after.
+        infos = [
+            sub.client.publish(f"{base}/dev/checkin", json.dumps(_event(seq=seq, device="dev")), qos=1)
+            for seq in range(2, 82, 2)
+        ]
+        for info in infos:
+            info.wait_for_publish(5)
+        assert wait_until(lambda: collector.stats()["stored"] == 40, 10)
+        sub.publish(f"{base}/dev/checkin", json.dumps(_event(seq=100, device="dev")))
+
+        def named(seq: int) -> bool:
+            return any(lo <= seq <= hi for a in acks(sub, "dev") for lo, hi in a["ranges"])
+
+        assert sub.wait_for(lambda _m: named(100), 10), acks(sub, "dev")[-1]
+        assert all(named(seq) for seq in range(2, 82, 2))
+        assert all(a["upto"] == 0 and len(a["ranges"]) <= 32 for a in acks(sub, "dev"))
+    finally:
+        collector.stop()
+        store.close()
