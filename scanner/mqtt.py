@@ -64,6 +64,7 @@ UNACKED_MAX = 5000
 ACK_TIMEOUT_S = 30.0
 RESEND_MAX_S = 600.0
 NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT v5 PUBACK reason: accepted, and delivered to nobody
+UNHEARD_RESEND_S = 2.0
 ACK_MAX_BYTES = 64 * 1024  # 32 ranges of two 19-digit seqs fit a hundred times over
 REFUSED_BACKOFF_MAX_S = 60.0
 
@@ -174,6 +175,10 @@ class Publisher:
         # again; doubles while the collector stays silent, so a dead collector does not cost
         # a full resend over 3G every ack_timeout_s.
         self._resend_after_s = ack_timeout_s
+        # Check-ins the broker PUBACKed with "no matching subscribers": resend those sooner,
+        # with their own doubling so that a collector that stays down is no resend storm.
+        self._dropped_unheard = False
+        self._unheard_resend_s = UNHEARD_RESEND_S
 
         self._client = self._make_client(client_factory or mqtt.Client)
 
@@ -534,8 +539,11 @@ class Publisher:
         self._clear_alarm("publish_refused")
         if reason_code.value == NO_MATCHING_SUBSCRIBERS:
             # The broker accepted it and threw it away: nobody subscribes to check-ins (the
-            # consumer is down, or subscribes elsewhere). PUBACK is this mode's whole proof,
-            # so the row goes; the alarm tells operators their events are not arriving.
+            # consumer is down, or subscribes elsewhere). In broker mode PUBACK is the whole
+            # proof, so the row goes; the alarm tells operators their events are not arriving.
+            # In collector mode the row stays, and this is news worth acting on: after a broker
+            # restart the gate is often back before the collector has resubscribed.
+            self._dropped_unheard = True
             if "no_subscribers" not in self._active_alarms:
                 detail = f"broker {self._where}: no subscriber for {self._t_checkin}, check-ins dropped there"
                 log.error('%s (use a persistent subscriber or delivery = "collector")', detail)
@@ -589,6 +597,7 @@ class Publisher:
         if removed:
             self._last_ack_progress = time.monotonic()
             self._resend_after_s = self._ack_timeout_s
+            self._unheard_resend_s = UNHEARD_RESEND_S
         log.debug("collector ack upto %d, %d ranges: %d rows removed", upto, len(ranges), removed)
         self._notify_drained()
 
@@ -644,16 +653,24 @@ class Publisher:
             self._last_ack_progress = time.monotonic()  # nothing is waiting for an ack
             return True
         first = oldest[0][0]
-        if time.monotonic() - self._last_ack_progress > self._resend_after_s and not self._inflight:
+        wait = self._resend_after_s
+        if self._dropped_unheard:  # the broker said nobody heard some: do not wait the full time
+            wait = min(wait, self._unheard_resend_s)
+        if time.monotonic() - self._last_ack_progress > wait and not self._inflight:
             log.warning(
-                "no ack from the collector for %.0f s: resending from seq %d (%d waiting)",
-                self._resend_after_s,
+                "no ack from the collector for %.0f s%s: resending from seq %d (%d waiting)",
+                wait,
+                " (the broker had no subscriber for some)" if self._dropped_unheard else "",
                 first,
                 self._safe_depth(),
             )
             self._cursor = first - 1
             self._last_ack_progress = time.monotonic()
-            self._resend_after_s = min(self._resend_after_s * 2, RESEND_MAX_S)
+            if self._dropped_unheard:
+                self._unheard_resend_s = min(self._unheard_resend_s * 2, RESEND_MAX_S)
+                self._dropped_unheard = False
+            else:
+                self._resend_after_s = min(self._resend_after_s * 2, RESEND_MAX_S)
             return True
         return self._cursor - first + 1 < UNACKED_MAX
 

@@ -686,3 +686,25 @@ def test_the_check_in_window_leaves_room_under_the_brokers_receive_maximum(
         finally:
             pub.stop(timeout=2.0)
             outbox.close()
+
+
+def test_collector_mode_resends_soon_what_the_broker_delivered_to_nobody(
+    broker: LocalBroker, gate: Any, subscribe: Any
+) -> None:
+    # After a broker restart without persistence the gate is often back before the collector
+    # has resubscribed: the broker PUBACKs those check-ins with 0x10 and drops them. The gate
+    # resends in seconds, not after the 30 s ack timeout.
+    pub, outbox, config = gate(broker, delivery="collector", ack_timeout_s=30.0)
+    assert pub.wait_connected(5)
+    for _ in range(3):
+        outbox.append(event)
+    pub.wake()
+    assert wait_until(lambda: "no_subscribers" in pub._active_alarms, 5)
+    collector = subscribe(config.topic("checkin"))  # the collector is back
+    started = time.monotonic()
+    assert collector.wait_for(lambda msgs: len(msgs) >= 3, timeout=15), seqs(
+        collector, config.topic("checkin")
+    )
+    assert time.monotonic() - started < 10  # well before the ack timeout
+    assert seqs(collector, config.topic("checkin")) == [1, 2, 3]
+    assert outbox.depth() == 3  # still waiting for the collector's ack
