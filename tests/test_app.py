@@ -237,6 +237,49 @@ def test_reload_swaps_lists_keeps_old_ones_on_error_and_publishes_ages(tmp_path)
         factory.close()
 
 
+def test_a_reload_that_started_earlier_never_puts_older_lists_back(tmp_path, monkeypatch):
+    # SIGHUP starts a reload that reads the old files and is slow to finish (big lists, an SD
+    # card); meanwhile a `lists` command replaces the files and reloads. The slow, older load
+    # must not be swapped in after the newer one.
+    from scanner import lists
+
+    deny = tmp_path / "deny.txt"
+    deny.write_text("# version: 1\n")
+    cfg = make_config(tmp_path, policy={"denylist_file": str(deny), "anti_passback_s": 0.0})
+    (tmp_path / "state").mkdir()
+    outbox = Outbox(tmp_path / "state" / "outbox.db", 100)
+    real_load, first_read, release = lists.load, threading.Event(), threading.Event()
+
+    def slow_first_load(config):
+        trust = real_load(config)
+        if not first_read.is_set():
+            first_read.set()
+            release.wait(5)  # the old lists are read; finishing takes a while
+        return trust
+
+    factory = MockFactory()
+    try:
+        with Signals(cfg.gpio, pin_factory=factory) as signals:
+            app = App(cfg, pin_factory=factory)
+            app.gate = gate = make_gate(cfg, signals, outbox)
+            monkeypatch.setattr(lists, "load", slow_first_load)
+            sighup = threading.Thread(target=app._reload)
+            sighup.start()
+            assert first_read.wait(5)
+            deny.write_text("# version: 2\nEMP-0001\n")  # the command's new list
+            command = threading.Thread(target=app._reload)
+            command.start()
+            time.sleep(0.2)  # without one-at-a-time, the command's reload finishes here, first
+            release.set()
+            sighup.join(5)
+            command.join(5)
+            assert gate.trust.deny is not None and gate.trust.deny.info.version == "2"
+            assert gate._scan(b"EMP-0001").decision.reason == Reason.DENYLISTED
+    finally:
+        outbox.close()
+        factory.close()
+
+
 def test_anti_passback_rejects_a_second_accept_of_the_same_credential(tmp_path):
     cfg = make_config(tmp_path, policy={"anti_passback_s": 60.0})
     (tmp_path / "state").mkdir()
