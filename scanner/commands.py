@@ -31,14 +31,12 @@ import argparse
 import base64
 import binascii
 import contextlib
-import errno
 import json
 import logging
 import os
 import re
 import secrets
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +47,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from scanner import durable
 from scanner.config import Config
 from scanner.credentials.signed import KID_BYTES, TrustError, TrustStore
 
@@ -247,7 +246,7 @@ class ReplayGuard:
         }
         data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode("utf-8")
         try:
-            _replace_file(self._path, data)
+            durable.replace_file(self._path, data)
         except OSError as exc:
             # Executing without the record would make this command replayable after a reboot.
             raise Refused("failed", f"cannot record the command's nonce in {self._path}: {exc}") from None
@@ -412,7 +411,7 @@ def write_lists(config: Config, args: dict[str, Any]) -> list[str]:
             if not isinstance(value, str):
                 raise Refused("malformed", f"{name}: expected the file's text")
             try:
-                tmp = _write_temp(path, value.encode("utf-8"))
+                tmp = durable.write_temp(path, value.encode("utf-8"))
             except OSError as exc:
                 raise Refused("failed", f"{name}: cannot write {path}, the old list is kept: {exc}") from None
             staged.append((name, tmp, path))
@@ -428,7 +427,7 @@ def write_lists(config: Config, args: dict[str, Any]) -> list[str]:
         for _name, tmp, path in staged:
             os.replace(tmp, path)
         for directory in {path.parent for _n, _t, path in staged}:
-            _fsync_dir(directory)
+            durable.fsync_dir(directory)
     except OSError as exc:
         raise Refused("failed", f"cannot write lists: {exc}") from None
     finally:
@@ -436,56 +435,6 @@ def write_lists(config: Config, args: dict[str, Any]) -> list[str]:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
     return [name for name, _t, _p in staged]
-
-
-def _write_temp(target: Path, data: bytes) -> Path:
-    """A synced temp file beside ``target`` holding exactly ``data``; raises OSError, leaving none."""
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".new", dir=target.parent)
-    tmp = Path(name)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                # On a nearly full file system a write stores part and reports no error; only the
-                # next one fails (ENOSPC). Stopping at the first would install a cut-off deny list.
-                written = os.write(fd, view)
-                if written <= 0:
-                    raise OSError(errno.ENOSPC, f"{target.name}: the write stored nothing")
-                view = view[written:]
-            os.fsync(fd)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        # A truncated text list still parses, so the check after this cannot notice one.
-        if size != len(data) or tmp.read_bytes() != data:
-            raise OSError(errno.EIO, f"{target.name}: {size} of {len(data)} bytes on disk, or not those sent")
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    return tmp
-
-
-def _replace_file(target: Path, data: bytes) -> None:
-    """Replace ``target`` with ``data`` (mode 0600) so that a crash leaves the old or the new file."""
-    tmp = _write_temp(target, data)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename is durable only once the directory entry is: power loss right after a reply
-    # of "ok" must not bring the old deny list back.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- executing ------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from scanner import durable
+
 log = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -149,7 +151,7 @@ class Outbox:
                     dst = Path(f"{target}{suffix}")
                     os.rename(src, dst)
                     os.chmod(dst, 0o600)
-            _fsync_dir(self.path.parent)
+            durable.fsync_dir(self.path.parent)
         except OSError as exc:
             raise OutboxError(f"{self.path} is corrupt ({why}) and cannot be moved aside: {exc}") from exc
         log.error("outbox %s is corrupt (%s): moved to %s, starting a new one", self.path, why, target)
@@ -173,16 +175,8 @@ class Outbox:
         if seq < self._reserved:
             return
         mark = seq + self._seq_block
-        tmp = self.seq_path.with_name(self.seq_path.name + ".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, f"{mark}\n".encode("ascii"))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.seq_path)
-            _fsync_dir(self.seq_path.parent)
+            durable.replace_file(self.seq_path, f"{mark}\n".encode("ascii"))
         except OSError as exc:
             raise OutboxError(f"cannot reserve seqs in {self.seq_path}: {exc}") from exc
         self._reserved = mark
@@ -348,15 +342,6 @@ class Outbox:
 
 class _Corrupt(Exception):
     """SQLite does not trust the file's contents (internal: the outbox quarantines it)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename is durable only once the directory entry is on disk.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def bench_commits(path: Path, n: int) -> float:
