@@ -228,18 +228,10 @@ class SqliteStore:
 
     def insert_rejected(self, events: Sequence[RejectedEvent]) -> int:
         """Dead-letter the events in one transaction; a known (site, device, seq) only once."""
-        if not events:
-            return 0
-        sql = f"INSERT INTO rejected ({', '.join(_REJECTED)}) VALUES ({', '.join('?' * len(_REJECTED))}) "
-        sql += "ON CONFLICT DO NOTHING"
-        return self._write(sql, [_rejected_row(e) for e in events])
+        return self._write(_insert_rejected_sql("?"), [_rejected_row(e) for e in events]) if events else 0
 
     def rejected(self) -> list[RejectedEvent]:
-        rows = self._query(f"SELECT {', '.join(_REJECTED)} FROM rejected ORDER BY id", ())
-        return [
-            RejectedEvent(site, device, seq, reason, bytes(payload))
-            for site, device, seq, reason, payload in rows
-        ]
+        return _rejected_events(self._query(_SELECT_REJECTED, ()))
 
     def _write(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
         conn = self._conn
@@ -397,18 +389,10 @@ class PostgresStore:
 
     def insert_rejected(self, events: Sequence[RejectedEvent]) -> int:
         """Dead-letter the events in one transaction; a known (site, device, seq) only once."""
-        if not events:
-            return 0
-        sql = f"INSERT INTO rejected ({', '.join(_REJECTED)}) VALUES ({', '.join(['%s'] * len(_REJECTED))}) "
-        sql += "ON CONFLICT DO NOTHING"
-        return self._write(sql, [_rejected_row(e) for e in events])
+        return self._write(_insert_rejected_sql("%s"), [_rejected_row(e) for e in events]) if events else 0
 
     def rejected(self) -> list[RejectedEvent]:
-        rows = self._query(f"SELECT {', '.join(_REJECTED)} FROM rejected ORDER BY id", ())
-        return [
-            RejectedEvent(site, device, seq, reason, bytes(payload))
-            for site, device, seq, reason, payload in rows
-        ]
+        return _rejected_events(self._query(_SELECT_REJECTED, ()))
 
     def _write(self, sql: str, rows: list[Sequence[Any]]) -> int:
         psycopg = self._psycopg
@@ -495,6 +479,18 @@ def _row(e: StoredEvent) -> tuple[Any, ...]:
         e.credential_type,
         e.raw,
     )
+
+
+_SELECT_REJECTED = f"SELECT {', '.join(_REJECTED)} FROM rejected ORDER BY id"
+
+
+def _insert_rejected_sql(placeholder: str) -> str:
+    values = ", ".join([placeholder] * len(_REJECTED))
+    return f"INSERT INTO rejected ({', '.join(_REJECTED)}) VALUES ({values}) ON CONFLICT DO NOTHING"
+
+
+def _rejected_events(rows: Iterable[tuple[Any, ...]]) -> list[RejectedEvent]:
+    return [RejectedEvent(site, device, seq, reason, bytes(blob)) for site, device, seq, reason, blob in rows]
 
 
 def _rejected_row(e: RejectedEvent) -> tuple[Any, ...]:
