@@ -317,6 +317,7 @@ class App:
         self._outbox: Outbox | None = None
         self._decoder: Decoder | None = None
         self._reload_lock = threading.Lock()
+        self._decoder_alarm = False  # the "decoder" alarm is up (pipeline thread only)
         self._publisher: Publisher | None = None
 
     def status(self) -> dict[str, Any]:
@@ -581,11 +582,14 @@ class App:
         decoder that dies on every frame would leave a blind gate that looks healthy.
         """
         lost = self._decoder.consecutive_failures if self._decoder is not None else 0
-        active = "decoder" in self.alarms.snapshot()
-        if lost >= DECODER_ALARM_AFTER and not active:
+        if lost == 0 and not self._decoder_alarm:
+            return True  # every frame of a healthy gate: nothing to look up
+        if lost >= DECODER_ALARM_AFTER and not self._decoder_alarm:
+            self._decoder_alarm = True
             self.alarms.raise_("decoder", f"the isolated decoder lost {lost} frames in a row: not scanning")
             show_fault(signals, self.alarms)
-        elif lost == 0 and active:
+        elif lost == 0 and self._decoder_alarm:
+            self._decoder_alarm = False
             self.alarms.clear("decoder")
             show_fault(signals, self.alarms)
         if lost >= DECODER_GIVE_UP_AFTER:

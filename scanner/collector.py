@@ -309,9 +309,6 @@ class DeviceSeqs:
     def missing(self) -> int:
         return sum(hi - lo + 1 for lo, hi in self.holes(len(self.ranges)))
 
-    def ack(self) -> dict[str, Any]:
-        return self.acks()[0]
-
     def acks(self, seqs: Iterable[int] = ()) -> list[dict[str, Any]]:
         """What to tell the gate after ``seqs`` were handled: one ack, more past 32 runs.
 
@@ -566,12 +563,10 @@ class Collector:
                     log.error("broker %s refused the connection: %s", self._where, item[1])
                 elif kind == "connect_fail":
                     _, tls, reason = item
-                    if tls:  # does not heal by retrying: an error, not a network blip
-                        level = logging.DEBUG if fail_logged else logging.ERROR
-                        log.log(level, "TLS to %s failed: %s; retrying", self._where, reason)
-                    else:
-                        level = logging.DEBUG if fail_logged else logging.WARNING
-                        log.log(level, "cannot reach broker at %s: %s; retrying", self._where, reason)
+                    # Once per outage; TLS does not heal by retrying: an error, not a network blip.
+                    level = logging.DEBUG if fail_logged else logging.ERROR if tls else logging.WARNING
+                    what = "TLS to %s failed" if tls else "cannot reach broker at %s"
+                    log.log(level, f"{what}: %s; retrying", self._where, reason)
                     fail_logged = True
             if messages:
                 try:

@@ -392,7 +392,7 @@ class Publisher:
             log.error("%s", detail)
             self._alarm("connect_refused", detail)
         elif kind == "connect_fail":
-            self._fail_logged = self._on_connect_fail(item[1], item[2], self._fail_logged)
+            self._on_connect_fail(item[1], item[2])
         elif kind == "suback":
             if not any(rc.is_failure for rc in item[1]):
                 self._subscribed.set()
@@ -416,23 +416,23 @@ class Publisher:
             self._begin_stop()
         return stop_deadline
 
-    def _on_connect_fail(self, tls: bool, reason: str, logged: bool) -> bool:
-        """Say why the broker cannot be reached, once per outage; returns ``logged``.
+    def _on_connect_fail(self, tls: bool, reason: str) -> None:
+        """Say why the broker cannot be reached, once per outage (paho retries up to every 60 s).
 
         A TLS failure is an alarm, not just a network blip: an expired certificate or a
         wrong CA does not heal by retrying, and it looks exactly like a dead link otherwise.
         """
+        first = not self._fail_logged
+        self._fail_logged = True
         if tls:
             detail = f"TLS to {self._where} failed: {reason}"
-            if not logged:
+            if first:
                 log.error("%s; %s; retrying", detail, TLS_ADVICE)
             if "tls_failed" not in self._active_alarms:
                 self._alarm("tls_failed", detail)
-            return True
-        # paho retries with backoff up to 60 s; say it once per outage, not every retry.
-        level = logging.DEBUG if logged else logging.WARNING
+            return
+        level = logging.WARNING if first else logging.DEBUG
         log.log(level, "cannot reach broker at %s: %s; retrying", self._where, reason)
-        return True
 
     def _on_connect(self, session_present: bool, receive_max: int | None) -> None:
         log.info("connected to %s (session present: %s)", self._where, session_present)
@@ -443,14 +443,14 @@ class Publisher:
         # check-ins, and going over it gets the connection closed (0x93). Leave room for what
         # goes out beside them: availability, status and its re-publish, a command reply, and
         # the Home Assistant discovery configs sent on connect.
-        discovery = 0
+        discovery: list[tuple[str, bytes]] = []
         if self._config.homeassistant.enabled:
             from scanner.telemetry import ha_discovery
 
-            discovery = len(ha_discovery(self._config, __version__))
+            discovery = ha_discovery(self._config, __version__)
         self._window = self._max_window
         if receive_max is not None:
-            self._window = max(1, min(self._max_window, receive_max - 4 - discovery))
+            self._window = max(1, min(self._max_window, receive_max - 4 - len(discovery)))
         # Everything still in the outbox gets another chance on this connection, except the
         # rows paho is resending itself under their old mids.
         self._cursor = 0
@@ -469,11 +469,8 @@ class Publisher:
         self._client.subscribe(subs)
         self._client.publish(self._t_availability, "online", qos=1, retain=True)
         self._send_status()
-        if self._config.homeassistant.enabled:
-            from scanner.telemetry import ha_discovery
-
-            for topic, body in ha_discovery(self._config, __version__):
-                self._client.publish(topic, body, qos=1, retain=True)
+        for topic, body in discovery:
+            self._client.publish(topic, body, qos=1, retain=True)
 
     def _send_reply(self, topic: str, body: bytes, correlation_data: bytes | None) -> None:
         props = None

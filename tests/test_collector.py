@@ -117,14 +117,14 @@ def test_device_seqs_tracks_contiguous_and_ranges():
     state.add([1, 2, 4])
     assert (state.contiguous, state.ranges) == (2, [(4, 4)])
     assert state.holes() == [(3, 3)] and state.missing == 1
-    assert state.ack() == {"schema": "gate-scanner/ack/1", "upto": 2, "ranges": [[4, 4]]}
+    assert state.acks()[0] == {"schema": "gate-scanner/ack/1", "upto": 2, "ranges": [[4, 4]]}
     state.add([7, 6, 9, 2])
     assert state.ranges == [(4, 4), (6, 7), (9, 9)] and state.missing == 3
     state.add([3, 5, 8])
     assert (state.contiguous, state.ranges) == (9, [])
     many = DeviceSeqs()
     many.add(range(2, 200, 2))  # 1 never arrives: 99 separate ranges
-    assert len(many.ack()["ranges"]) == 32 and many.ack()["upto"] == 0
+    assert len(many.acks()[0]["ranges"]) == 32 and many.acks()[0]["upto"] == 0
 
 
 def test_acks_past_32_holes_name_the_runs_just_handled():
