@@ -1,260 +1,107 @@
-"""Command line: `gate-scanner COMMAND` (also `python -m scanner`). Exit 0 ok, 1 runtime, 2 usage/config."""
+"""The one entry point, ``gate-scanner COMMAND`` (also ``python -m scanner``).
+
+Every command lives in the room of the role that runs it and offers the same pair:
+``add_arguments(parser)`` and ``main(args) -> int`` (exit 0 ok, 1 runtime failure, 2 usage or
+config error; see :mod:`scanner.console`). This module only lists them. It loads the module of
+the command being run and no other: the daemon on a Pi Zero's 512 MB must not carry the
+collector, the benchmarks and the fleet tools, and ``relay-off`` (which systemd runs after a
+crash) must not first wait for OpenCV to load.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import signal
+import importlib
 import sys
-import threading
-from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Protocol
 
 from scanner import __version__
-from scanner.config import Config, ConfigError, load
-
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
 
-def _parser() -> argparse.ArgumentParser:
+class CommandModule(Protocol):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+    def main(self, args: argparse.Namespace) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    module: str
+    help: str
+
+
+Table = dict[str, "Command | tuple[str, Table]"]
+
+BENCHES: Table = {
+    "pipeline": Command("scanner.bench.pipeline", "decode, frame-to-relay latency, outbox, RSS, READY"),
+    "fuzz": Command("scanner.bench.fuzz", "random and mutated payloads through the decision path"),
+    "dcc": Command("scanner.bench.dcc", "EU DCC stages against a dgc-testdata tree"),
+    "decode": Command("scanner.bench.decode", "passes and ms per engine and chain over a photo corpus"),
+    "frames": Command("scanner.bench.frames", "ms per synthetic frame per engine and chain"),
+    "outbox": Command("scanner.bench.outbox", "a gate's outbox backlog drains into the collector"),
+    "soak": Command(
+        "scanner.bench.soak", "random broker/collector/daemon kills for N minutes, then a report"
+    ),
+}
+
+COMMANDS: Table = {
+    # The gate (scanner/gate/)
+    "run": Command("scanner.gate.daemon", "run the gate daemon"),
+    "check-config": Command("scanner.gate.check_config", "validate a config file (exit 2 on error)"),
+    "decode": Command("scanner.gate.decode", "decode QR codes in image files, one JSON line each"),
+    "relay-off": Command("scanner.gate.relay_off", "drive the relay off (systemd ExecStopPost)"),
+    # Technicians and operators (scanner/fleet/)
+    "selftest": Command(
+        "scanner.fleet.selftest", "check camera, card decode, signals, broker, clock, disk, power"
+    ),
+    "provision": Command("scanner.fleet.provision", "make a device bundle for the first-boot script"),
+    "pki": Command("scanner.fleet.pki", "fleet CA, broker and per-device TLS certificates"),
+    "pass": Command("scanner.fleet.passes", "issuer keys, trust stores and signed gate passes"),
+    "cmd": Command("scanner.fleet.cmd", "sign (and send) operator commands to a gate"),
+    # The central side (scanner/central/)
+    "collect": Command("scanner.central.collector", "central ingest: store every gate's check-ins, ack them"),
+    "trace": Command("scanner.central.trace", "contact tracing: a subject's visits and who was there too"),
+    "monitor": Command(
+        "scanner.central.monitor", "live table of gates and stream of check-ins from the broker"
+    ),
+    # The demo (scanner/sim/) and benchmarks (scanner/bench/)
+    "demo": Command("scanner.sim.demo", "run the real daemon on built-in replayed frames with mock pins"),
+    "bench": ("print benchmark figures as JSON", BENCHES),
+}
+
+
+def load(module: str) -> CommandModule:
+    loaded: CommandModule = importlib.import_module(module)
+    return loaded
+
+
+def _add(parser: argparse.ArgumentParser, table: Table, argv: list[str], depth: int) -> None:
+    """Subcommands of ``parser``; only the one named in ``argv`` gets its module loaded."""
+    sub = parser.add_subparsers(dest=f"command_{depth}", required=True, metavar="COMMAND")
+    chosen = argv[0] if argv else None
+    for name, entry in table.items():
+        if isinstance(entry, Command):
+            child = sub.add_parser(name, help=entry.help, description=entry.help)
+            if name == chosen:
+                module = load(entry.module)
+                module.add_arguments(child)
+                child.set_defaults(main=module.main)
+        else:
+            text, nested = entry
+            child = sub.add_parser(name, help=text, description=text)
+            if name == chosen:
+                _add(child, nested, argv[1:], depth + 1)
+
+
+def parser_for(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gate-scanner", description="Unattended QR check-in gate.")
     parser.add_argument("--version", action="version", version=f"gate-scanner {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run the gate daemon")
-    run.add_argument("--config", required=True, type=Path)
-
-    check = sub.add_parser("check-config", help="validate a config file (exit 2 on error)")
-    check.add_argument("file", type=Path)
-
-    decode = sub.add_parser("decode", help="decode QR codes in image files, one JSON line each")
-    decode.add_argument("images", nargs="+", type=Path)
-    decode.add_argument("--engines", default="zxing,zbar", help="comma-separated, default zxing,zbar")
-
-    off = sub.add_parser("relay-off", help="drive the relay off (systemd ExecStopPost)")
-    off.add_argument("--config", required=True, type=Path)
-
-    demo = sub.add_parser("demo", help="run the real daemon on built-in replayed frames with mock pins")
-    demo.add_argument("--workdir", type=Path, help="keep the demo's files here instead of a temp dir")
-
-    from scanner.passes import add_pass_commands
-
-    add_pass_commands(sub)
-
-    from scanner.commands import add_cmd_commands
-
-    add_cmd_commands(sub)
-
-    from scanner.monitor import add_monitor_command
-    from scanner.pki import add_pki_commands
-
-    add_pki_commands(sub)
-    add_monitor_command(sub)
-
-    from scanner.provision import add_provision_command
-    from scanner.selftest import add_selftest_command
-
-    add_selftest_command(sub)
-    add_provision_command(sub)
-
-    bench = sub.add_parser("bench", help="print benchmark figures as JSON")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    pipeline = bench_sub.add_parser("pipeline", help="decode, frame-to-relay latency, outbox, RSS, READY")
-    pipeline.add_argument("--frames", type=int, default=200)
-    fuzz = bench_sub.add_parser("fuzz", help="random and mutated payloads through the decision path")
-    fuzz.add_argument("--n", type=int, default=100_000, help="how many payloads")
-    fuzz.add_argument("--seed", type=int, default=1)
-    dcc = bench_sub.add_parser("dcc", help="EU DCC stages against a dgc-testdata tree")
-    dcc.add_argument("--testdata", required=True, type=Path, help="dgc-testdata checkout (or a subfolder)")
-    corpus = bench_sub.add_parser("decode", help="passes and ms per engine and chain over a photo corpus")
-    corpus.add_argument("--corpus", required=True, type=Path, help="folders of N.png + N.txt expected text")
-    corpus.add_argument("--isolate", action="store_true", help="run the chain in the decoder process")
-    frames = bench_sub.add_parser("frames", help="ms per synthetic frame per engine and chain")
-    frames.add_argument("--frames", type=int, default=40, help="distinct frames per size and kind")
-    from scanner.collector import add_collect_command
-    from scanner.outboxbench import add_bench_outbox
-    from scanner.soakbench import add_bench_soak
-    from scanner.trace import add_trace_command
-
-    add_bench_outbox(bench_sub)
-    add_bench_soak(bench_sub)
-    add_collect_command(sub)
-    add_trace_command(sub)
+    _add(parser, COMMANDS, argv, 0)
     return parser
 
 
-def load_or_report(path: Path, loader: Callable[[Path], Config] = load) -> Config | None:
-    """The config, or None after printing every ``file: key: problem`` line (callers exit 2)."""
-    try:
-        return loader(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return None
-
-
-def setup_logging(level: str = "info") -> None:
-    # journald adds its own timestamps; keep the line short and greppable.
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    command = args.command
-    if command == "check-config":
-        config = load_or_report(args.file)
-        if config is None:
-            return EXIT_USAGE
-        print(f"{args.file}: ok (device {config.device.id} at {config.device.site})")
-        return EXIT_OK
-    if command == "decode":
-        return _decode(args.images, tuple(e for e in args.engines.split(",") if e))
-    if command == "run":
-        return _run(args.config)
-    if command == "relay-off":
-        return _relay_off(args.config)
-    if command == "pass":
-        from scanner.passes import run_pass_command
-
-        return run_pass_command(args)
-    if command == "cmd":
-        from scanner.commands import run_cmd_command
-
-        return run_cmd_command(args)
-    if command == "pki":
-        from scanner.pki import run_pki_command
-
-        return run_pki_command(args)
-    if command == "selftest":
-        from scanner.selftest import run_selftest_command
-
-        setup_logging("warning")
-        return run_selftest_command(args)
-    if command == "provision":
-        from scanner.provision import run_provision_command
-
-        return run_provision_command(args)
-    if command == "monitor":
-        from scanner.monitor import run_monitor_command
-
-        return run_monitor_command(args)
-    if command == "demo":
-        from scanner.demo import run_demo
-
-        setup_logging()
-        return run_demo(args.workdir)
-    if command == "bench" and args.bench == "fuzz":
-        from scanner.fuzzbench import bench_fuzz
-
-        figures = bench_fuzz(args.n, args.seed)
-        print(json.dumps(figures, indent=2))
-        return EXIT_OK if figures["exceptions"] == 0 else EXIT_RUNTIME
-    if command == "bench" and args.bench == "dcc":
-        from scanner.dccbench import bench_dcc
-
-        if not args.testdata.is_dir():
-            print(f"--testdata: {args.testdata} is not a directory", file=sys.stderr)
-            return EXIT_USAGE
-        print(json.dumps(bench_dcc(args.testdata), indent=2))
-        return EXIT_OK
-    if command == "bench" and args.bench in ("decode", "frames"):
-        from scanner.decodebench import bench_decode, bench_frames
-
-        setup_logging("warning")
-        if args.bench == "frames":
-            print(json.dumps(bench_frames(frames=args.frames), indent=2))
-            return EXIT_OK
-        if not args.corpus.is_dir():
-            print(f"--corpus: {args.corpus} is not a directory", file=sys.stderr)
-            return EXIT_USAGE
-        print(json.dumps(bench_decode(args.corpus, isolate=args.isolate), indent=2))
-        return EXIT_OK
-    if command == "collect":
-        from scanner.collector import run_collect_command
-
-        return run_collect_command(args)
-    if command == "trace":
-        from scanner.trace import run_trace_command
-
-        return run_trace_command(args)
-    if command == "bench" and args.bench == "soak":
-        from scanner.soakbench import run_bench_soak
-
-        return run_bench_soak(args)
-    if command == "bench" and args.bench == "outbox":
-        from scanner.outboxbench import run_bench_outbox
-
-        return run_bench_outbox(args)
-    if command == "bench":
-        from scanner.bench import bench_pipeline
-
-        setup_logging("warning")
-        print(json.dumps(bench_pipeline(frames=args.frames), indent=2))
-        return EXIT_OK
-    raise AssertionError(command)
-
-
-def _decode(images: list[Path], engines: tuple[str, ...]) -> int:
-    from scanner.decode import Decoder, describe_image
-
-    unknown = set(engines) - {"zxing", "zbar"}
-    if unknown or not engines:
-        print(f"--engines: choose from zxing, zbar (got {','.join(engines)})", file=sys.stderr)
-        return EXIT_USAGE
-    decoder = Decoder(engines)
-    status = EXIT_OK
-    for image in images:
-        line = describe_image(image, decoder)
-        if "error" in line:
-            status = EXIT_RUNTIME
-        print(json.dumps(line, ensure_ascii=False), flush=True)
-    return status
-
-
-def _run(config_path: Path) -> int:
-    config = load_or_report(config_path)
-    if config is None:
-        return EXIT_USAGE
-    setup_logging(config.daemon.log_level)
-    from scanner.app import App
-    from scanner.lists import ListError
-
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        logging.getLogger("scanner").info("received %s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    app = App(config)
-    signal.signal(signal.SIGHUP, lambda _s, _f: app.request_reload())
-    try:
-        return app.run(stop)
-    except ListError as exc:
-        logging.getLogger("scanner").error("cannot start: %s", exc)
-        return EXIT_RUNTIME
-    except Exception:
-        # App.run has already driven the relay off on its way out (context managers).
-        logging.getLogger("scanner").exception("gate stopped by an unexpected error")
-        return EXIT_RUNTIME
-
-
-def _relay_off(config_path: Path) -> int:
-    config = load_or_report(config_path)
-    if config is None:
-        return EXIT_USAGE
-    setup_logging(config.daemon.log_level)
-    from scanner.signals import force_relay_off, make_pin_factory
-
-    factory = make_pin_factory(config.gpio.pin_factory)
-    try:
-        force_relay_off(config.gpio, factory)
-    finally:
-        factory.close()
-    return EXIT_OK
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = parser_for(words).parse_args(words)
+    code: int = args.main(args)
+    return code

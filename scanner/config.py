@@ -1,4 +1,4 @@
-"""Typed configuration (DESIGN §3): one TOML file, secrets in separate files.
+"""Typed configuration: one TOML file, secrets in separate files (README: Configuration).
 
 Each section is a frozen dataclass; the loader walks the TOML table against the dataclass
 fields, so unknown keys, wrong types and out-of-range values are all reported together as
@@ -13,11 +13,16 @@ import re
 import tomllib
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # safe as MQTT topic segment and client id
+# Device ids, site names, topic prefixes and collector names: safe as an MQTT topic segment
+# and client id, and as a file name. Every reader of such a name checks it with this.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_NAME = NAME.pattern
+# A config for the central side (collector, trace, monitor) may leave [device] out.
+_CENTRAL_DEVICE = {"id": "central", "site": "central"}
 
 
 def _opt(default: Any, doc: str, **checks: Any) -> Any:
@@ -309,7 +314,12 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def load(path: str | Path) -> Config:
+def load(path: str | Path, *, device_optional: bool = False) -> Config:
+    """Read and check one config file; ConfigError lists every problem.
+
+    ``device_optional``: the central side (collector, trace, monitor) is not a gate, so its
+    file may leave ``[device]`` out; a placeholder fills it and nothing there reads it.
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -321,7 +331,14 @@ def load(path: str | Path) -> Config:
         raise ConfigError([f"{path}: not UTF-8 text: {exc}"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: TOML syntax: {exc}"]) from exc
+    if device_optional:
+        table.setdefault("device", dict(_CENTRAL_DEVICE))
     return from_table(table, path=path, digest=hashlib.sha256(raw).hexdigest())
+
+
+def load_central(path: Path) -> Config:
+    """:func:`load` for the collector, ``trace`` and ``monitor``: ``[device]`` may be left out."""
+    return load(path, device_optional=True)
 
 
 def from_table(table: dict[str, Any], *, path: Path = Path("<memory>"), digest: str = "") -> Config:
@@ -346,7 +363,6 @@ def from_table(table: dict[str, Any], *, path: Path = Path("<memory>"), digest: 
 
 
 def _replace(config: Config, **changes: Any) -> Config:
-    from dataclasses import replace
 
     return replace(config, **changes)
 
@@ -510,7 +526,7 @@ def describe() -> list[tuple[str, str, str]]:
             if f.default is MISSING and f.default_factory is MISSING:
                 default = "required"
             else:
-                default = _toml_value(f.default if f.default is not MISSING else f.default_factory())
+                default = _toml_value(f.default if f.default_factory is MISSING else f.default_factory())
             rows.append((f"{section.name}.{f.name}", default, f.metadata.get("doc", "")))
     return rows
 

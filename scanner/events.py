@@ -87,7 +87,27 @@ class Pseudonymizer:
 
 
 def utc_ms(moment: datetime) -> str:
+    """The one time format on the wire and on disk: UTC, RFC 3339, milliseconds, ``Z``.
+
+    A naive datetime is taken as UTC (SQLite hands them back that way)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def now_ms() -> str:
+    return utc_ms(datetime.now(UTC))
+
+
+def parse_utc(text: str) -> datetime:
+    """An RFC 3339 time with an offset (``Z`` or ``+07:00``), as UTC; ValueError otherwise.
+
+    A time without an offset is refused rather than guessed: on a gate in UTC+7 a guess is
+    seven hours wrong in one direction or the other."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} has no UTC offset")
+    return moment.astimezone(UTC)
 
 
 def build_event(
@@ -140,5 +160,6 @@ def to_json(event: CheckinEvent) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def schema_path() -> Path:
-    return Path(__file__).with_name("schemas") / "checkin-1.json"
+def schema_path(name: str = "checkin") -> Path:
+    """The JSON Schema shipped for a payload: ``checkin``, ``status``, ``health``, ``cmd-reply``."""
+    return Path(__file__).with_name("schemas") / f"{name}-1.json"

@@ -44,7 +44,7 @@ class CredentialType(StrEnum):
 
 
 class Reason(StrEnum):
-    """Reason codes of DESIGN §4: part of the MQTT contract, never renamed."""
+    """Reason codes of the check-in event: part of the MQTT contract, never renamed."""
 
     OK = "ok"
     UNKNOWN_FORMAT = "unknown_format"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scanner.localbroker import LocalBroker
+from scanner.sim.localbroker import LocalBroker
 from tests.mqtt_helpers import Subscriber
 
 

@@ -1,4 +1,4 @@
-"""A stand-in for ``picamera2.Picamera2``: exactly the calls scanner.camera.picam makes.
+"""A stand-in for ``picamera2.Picamera2``: exactly the calls scanner.gate.camera.picam makes.
 
 Signatures follow raspberrypi/picamera2 (≥ 0.3.17): ``create_video_configuration`` with its
 keyword arguments, ``capture_array(name, wait=, signal_function=)`` returning a job when

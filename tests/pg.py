@@ -1,6 +1,6 @@
 """A private PostgreSQL for the tests: one cluster per test session, one database per test.
 
-The cluster (scanner.outboxbench.LocalPostgres: initdb + pg_ctl on a free port in a temp dir
+The cluster (scanner.bench.outbox.LocalPostgres: initdb + pg_ctl on a free port in a temp dir
 owned by ``postgres``, run through ``runuser`` because initdb refuses root, unix socket in
 that dir) starts on first use and stops (``pg_ctl -m immediate``) when the session ends.
 Where the server binaries, runuser or psycopg are missing, tests that need it are skipped
@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from scanner.outboxbench import LocalPostgres, PostgresUnavailable
+from scanner.bench.outbox import LocalPostgres, PostgresUnavailable
 
 _server: LocalPostgres | None = None
 _unavailable: str | None = None

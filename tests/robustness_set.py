@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 import segno
 
-from scanner import synth
 from scanner.models import Symbol
+from scanner.sim import synth
 
 KINDS = ("clean", "blur", "rotation", "perspective", "cover", "glare", "low_light", "noise")
 # Byte-mode payload lengths that give versions 1, 4, 10 and 20 at error level M.
@@ -143,8 +143,8 @@ def pass_rates(
 
 
 def _main() -> None:
-    from scanner import decode as decode_mod
-    from scanner.decode import DEFAULT_RESCUE, RESCUE_STEPS, Decoder
+    from scanner.gate import decode as decode_mod
+    from scanner.gate.decode import DEFAULT_RESCUE, RESCUE_STEPS, Decoder
 
     all_cases = list(cases(seeds=4))
     readers: dict[str, Callable[[np.ndarray], list[Symbol]]] = {

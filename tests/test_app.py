@@ -13,14 +13,15 @@ import pytest
 from gpiozero.pins.mock import MockFactory
 
 from scanner import config as config_mod
-from scanner import events, synth
-from scanner.app import Alarms, App, Gate, SystemClock
-from scanner.camera import CameraError
-from scanner.decode import Decoder
-from scanner.health import SystemdNotifier
+from scanner import events
+from scanner.gate.app import Alarms, App, Gate, SystemClock
+from scanner.gate.camera import CameraError
+from scanner.gate.decode import Decoder
+from scanner.gate.health import SystemdNotifier
+from scanner.gate.outbox import Outbox
+from scanner.gate.signals import Signals
 from scanner.models import Frame, Reason
-from scanner.outbox import Outbox
-from scanner.signals import Signals
+from scanner.sim import synth
 from tests.mqtt_helpers import wait_until
 
 
@@ -241,7 +242,7 @@ def test_a_reload_that_started_earlier_never_puts_older_lists_back(tmp_path, mon
     # SIGHUP starts a reload that reads the old files and is slow to finish (big lists, an SD
     # card); meanwhile a `lists` command replaces the files and reloads. The slow, older load
     # must not be swapped in after the newer one.
-    from scanner import lists
+    from scanner.gate import lists
 
     deny = tmp_path / "deny.txt"
     deny.write_text("# version: 1\n")
@@ -301,7 +302,7 @@ def test_a_decoder_that_dies_on_every_frame_raises_an_alarm_then_exits_for_a_res
 ) -> None:
     # Each lost frame is an empty result, not an exception: without counting them the gate
     # would scan nothing while its camera, watchdog and LEDs all said it was fine.
-    import scanner.app as app_mod
+    import scanner.gate.app as app_mod
     from tests import crashing_engine
 
     monkeypatch.setattr(app_mod, "DECODER_ALARM_AFTER", 3)

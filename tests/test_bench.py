@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from scanner.bench import bench_pipeline
+from scanner.bench.pipeline import bench_pipeline
 
 
 def test_bench_pipeline_measures_every_figure():
@@ -24,7 +24,7 @@ def test_decode_cli_prints_one_json_line_per_image(tmp_path):
     import cv2
     import numpy as np
 
-    from scanner import synth
+    from scanner.sim import synth
 
     code = tmp_path / "code.png"
     cv2.imwrite(str(code), synth.render_scene("EMP-0001", np.random.default_rng(3)))
@@ -46,7 +46,7 @@ def test_decode_cli_prints_one_json_line_per_image(tmp_path):
 
 
 def test_bench_fuzz_counts_outcomes_and_exceptions():
-    from scanner.fuzzbench import bench_fuzz
+    from scanner.bench.fuzz import bench_fuzz
 
     figures = bench_fuzz(3000, seed=7)
     assert figures["exceptions"] == 0, figures

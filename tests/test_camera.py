@@ -11,12 +11,12 @@ import cv2
 import numpy as np
 import pytest
 
-from scanner.camera import CameraError, open_source, run_capture
-from scanner.camera.opencv import OpenCvSource
-from scanner.camera.picam import Picamera2Source
-from scanner.camera.replay import ReplaySource
-from scanner.camera.slot import LatestFrameSlot
 from scanner.config import CameraConfig
+from scanner.gate.camera import CameraError, open_source, run_capture
+from scanner.gate.camera.opencv import OpenCvSource
+from scanner.gate.camera.picam import Picamera2Source
+from scanner.gate.camera.replay import ReplaySource
+from scanner.gate.camera.slot import LatestFrameSlot
 from scanner.models import Frame
 from tests.fake_picamera2 import MODULE2_CONTROLS, PAD_VALUE, U_VALUE, Factory, y_plane
 
@@ -525,7 +525,7 @@ def test_picamera2_sets_only_the_controls_the_camera_advertises(caplog: pytest.L
     source = Picamera2Source(
         cfg("picamera2", autofocus="manual"), factory=factory, tuning_loader=lambda n: {}
     )
-    with caplog.at_level(logging.INFO, logger="scanner.camera.picam"):
+    with caplog.at_level(logging.INFO, logger="scanner.gate.camera.picam"):
         source.open()
     assert source.read(1.0) is not None
     source.close()

@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from scanner import app as app_mod
 from scanner import config as config_mod
-from scanner.app import App
-from scanner.camera import CameraError
-from scanner.camera.opencv import OpenCvSource
-from scanner.camera.slot import LatestFrameSlot
-from scanner.camera.watchdog import CameraSupervisor, FrameCheck
 from scanner.config import CameraConfig
-from scanner.health import SystemdNotifier
+from scanner.gate import app as app_mod
+from scanner.gate.app import App
+from scanner.gate.camera import CameraError
+from scanner.gate.camera.opencv import OpenCvSource
+from scanner.gate.camera.slot import LatestFrameSlot
+from scanner.gate.camera.watchdog import CameraSupervisor, FrameCheck
+from scanner.gate.health import SystemdNotifier
 from scanner.models import Frame
 from tests.mqtt_helpers import wait_until
 

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from scanner import collector as collector_module
 from scanner import events
-from scanner.collector import Collector, DeviceSeqs, InvalidEvent, parse_event, rejected_event
+from scanner.bench.outbox import fill_outbox
+from scanner.central import collector as collector_module
+from scanner.central.collector import Collector, DeviceSeqs, InvalidEvent, parse_event, rejected_event
+from scanner.central.store import RejectedEvent, Store, StoredEvent, StoreError, open_store
 from scanner.config import Config, from_table
-from scanner.localbroker import LocalBroker
+from scanner.gate.outbox import Outbox
+from scanner.gate.publisher import Publisher
 from scanner.models import CheckinEvent
-from scanner.mqtt import Publisher
-from scanner.outbox import Outbox
-from scanner.outboxbench import fill_outbox
-from scanner.store import RejectedEvent, Store, StoredEvent, StoreError, open_store
+from scanner.sim.localbroker import LocalBroker
 from tests import pg
 from tests.conftest import unique_name
 from tests.mqtt_helpers import Subscriber, wait_until

@@ -26,22 +26,23 @@ from gpiozero.pins.mock import MockFactory
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from scanner import cli, commands, events, telemetry
+from scanner import cli, events
 from scanner import config as config_mod
-from scanner.app import App
-from scanner.commands import Inbound, Refused, Verifier
 from scanner.credentials.signed import TrustedKey, TrustStore
-from scanner.localbroker import LocalBroker
+from scanner.fleet.passes import default_kid
+from scanner.gate import commands
+from scanner.gate.app import App
+from scanner.gate.commands import Inbound, Refused, Verifier
+from scanner.gate.outbox import Outbox
+from scanner.gate.signals import Signals
 from scanner.models import Frame, Reason
-from scanner.outbox import Outbox
-from scanner.passes import default_kid
-from scanner.signals import Signals
+from scanner.sim.localbroker import LocalBroker
 from tests.conftest import unique_name
 from tests.mqtt_helpers import Subscriber, wait_until
 from tests.test_app import CODE_FRAME, OrderCheckingSignals, make_gate
 
-REPLY_SCHEMA = json.loads(telemetry.schema_path("cmd-reply").read_text())
-HEALTH_SCHEMA = json.loads(telemetry.schema_path("health").read_text())
+REPLY_SCHEMA = json.loads(events.schema_path("cmd-reply").read_text())
+HEALTH_SCHEMA = json.loads(events.schema_path("health").read_text())
 CHECKIN_SCHEMA = json.loads(events.schema_path().read_text())
 BLANK = np.full(CODE_FRAME.shape, 128, dtype=np.uint8)
 
@@ -243,7 +244,7 @@ def test_a_damaged_replay_file_refuses_what_it_may_have_held_but_not_forever(
             return real_read(path)
 
         monkeypatch.setattr(Path, "read_bytes", unreadable)
-    with caplog.at_level("WARNING", logger="scanner.commands"):
+    with caplog.at_level("WARNING", logger="scanner.gate.commands"):
         v = Verifier(cfg, keys, started=NOW - timedelta(seconds=30))
     monkeypatch.undo()
     assert commands.REPLAY_FILE in caplog.text
@@ -402,7 +403,7 @@ def test_a_list_over_the_room_left_is_refused_by_the_real_kernel(tmp_path):
         import json, resource, signal, sys
         from tests.test_commands import BIG_DENY, deny_config
         from pathlib import Path
-        from scanner import commands
+        from scanner.gate import commands
         cfg, deny = deny_config(Path(sys.argv[1]))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))

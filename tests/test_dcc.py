@@ -477,7 +477,7 @@ KNOWN_UPSTREAM_DEFECTS = {
 
 @pytest.fixture(scope="module")
 def bench_result() -> dict[str, Any]:
-    from scanner.dccbench import bench_dcc
+    from scanner.bench.dcc import bench_dcc
 
     return bench_dcc(TESTDATA, repeat=1)
 
@@ -496,7 +496,7 @@ def test_bench_agrees_with_testdata_except_known_defects(bench_result: dict[str,
 @needs_testdata
 def test_p384_defect_is_what_the_note_says() -> None:
     # The three cases do verify as ECDSA P-384 with SHA-256: the data is mislabelled, not forged.
-    from scanner.dccbench import load_cases
+    from scanner.bench.dcc import load_cases
 
     for path, case in load_cases(TESTDATA / "ES"):
         if path.stem not in ("401", "402", "403"):
@@ -512,7 +512,7 @@ def test_p384_defect_is_what_the_note_says() -> None:
 
 @needs_testdata
 def test_certificate_walker_matches_x509_on_every_testdata_certificate() -> None:
-    from scanner.dccbench import load_cases
+    from scanner.bench.dcc import load_cases
 
     checked = 0
     for _, case in load_cases(TESTDATA):
@@ -631,7 +631,7 @@ _OTHER_KID: dict[bytes, bytes] = {}
 
 @needs_testdata
 def test_mutations_of_every_valid_case_are_rejected() -> None:
-    from scanner.dccbench import load_cases, testdata_trust_document, validation_clock
+    from scanner.bench.dcc import load_cases, testdata_trust_document, validation_clock
 
     cases = load_cases(TESTDATA)
     # One trust list with every testdata signer, so a changed kid can point at a real key.

@@ -16,9 +16,9 @@ import segno
 import zxingcpp
 from pyzbar import pyzbar
 
-from scanner import decode as decode_mod
-from scanner.decode import Decoder, describe_image
-from scanner.decodebench import matches
+from scanner.bench.decode import matches
+from scanner.gate import decode as decode_mod
+from scanner.gate.decode import Decoder, describe_image
 from scanner.models import Symbol
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "qr-photos"
@@ -453,7 +453,7 @@ def test_unknown_rescue_step_is_refused() -> None:
 
 
 def test_bench_decode_counts_passes_and_false_positives(tmp_path: Path) -> None:
-    from scanner.decodebench import bench_decode
+    from scanner.bench.decode import bench_decode
 
     codes, empty = tmp_path / "codes", tmp_path / "no-qr"
     codes.mkdir()
@@ -475,7 +475,7 @@ def test_bench_decode_counts_passes_and_false_positives(tmp_path: Path) -> None:
 
 
 def test_bench_frames_reports_each_reader() -> None:
-    from scanner.decodebench import bench_frames
+    from scanner.bench.frames import bench_frames
 
     report = bench_frames(frames=2, repeats=1, isolate=False)
     row = report["640x480_one_code"]

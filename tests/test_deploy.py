@@ -1,4 +1,4 @@
-"""The shipped central-broker setup: deploy/mosquitto/{gate-scanner.conf,acl} with `scanner.pki` certs.
+"""The shipped central-broker setup: deploy/mosquitto/{gate-scanner.conf,acl} with `scanner.fleet.pki` certs.
 
 mosquitto runs with the shipped configuration file itself; the test only rewrites the
 listener port and the file paths into a temp dir (text substitution of those lines, each
@@ -26,11 +26,11 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from scanner import pki
 from scanner.config import Config, from_table
-from scanner.localbroker import LocalBroker
-from scanner.mqtt import Publisher
-from scanner.outbox import Outbox
+from scanner.fleet import pki
+from scanner.gate.outbox import Outbox
+from scanner.gate.publisher import Publisher
+from scanner.sim.localbroker import LocalBroker
 from tests.mqtt_helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[1]

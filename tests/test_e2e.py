@@ -22,11 +22,12 @@ import pytest
 from gpiozero.pins.mock import MockFactory
 
 from scanner import config as config_mod
-from scanner import events, synth
-from scanner.app import App
-from scanner.demo import ALLOWED, DENIED, write_demo_files
-from scanner.demo import SCENES as DEMO_SCENES
-from scanner.localbroker import LocalBroker
+from scanner import events
+from scanner.gate.app import App
+from scanner.sim import synth
+from scanner.sim.demo import ALLOWED, DENIED, write_demo_files
+from scanner.sim.demo import SCENES as DEMO_SCENES
+from scanner.sim.localbroker import LocalBroker
 from tests.mqtt_helpers import Subscriber, wait_until
 
 SCHEMA = json.loads(events.schema_path().read_text())

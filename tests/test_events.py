@@ -6,8 +6,9 @@ from datetime import UTC, datetime
 import jsonschema
 import pytest
 
-from scanner import credentials, events, policy
-from scanner.lists import TrustData
+from scanner import credentials, events
+from scanner.gate import policy
+from scanner.gate.lists import TrustData
 from scanner.models import CredentialType
 
 SCHEMA = json.loads(events.schema_path().read_text())

@@ -32,10 +32,10 @@ import pytest
 from gpiozero.pins.mock import MockFactory
 
 from scanner import config as config_mod
-from scanner import synth
-from scanner.app import App
-from scanner.demo import ALLOWED, write_demo_files
-from scanner.localbroker import LocalBroker, find_mosquitto
+from scanner.gate.app import App
+from scanner.sim import synth
+from scanner.sim.demo import ALLOWED, write_demo_files
+from scanner.sim.localbroker import LocalBroker, find_mosquitto
 from tests.mqtt_helpers import wait_until
 from tests.test_e2e import _table, _toml, rising_edges
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from scanner import pki
 from scanner.cli import main
+from scanner.fleet import pki
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ROOT / "firmware" / "files"

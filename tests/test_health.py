@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from scanner import health
-from scanner.health import SystemdNotifier, WatchdogFeeder, clock_synced
+from scanner.gate import health
+from scanner.gate.health import SystemdNotifier, WatchdogFeeder, clock_synced
 
 WAIT_S = 3.0
 

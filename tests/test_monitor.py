@@ -16,8 +16,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from scanner.localbroker import LocalBroker
-from scanner.monitor import Monitor
+from scanner.central.monitor import Monitor
+from scanner.sim.localbroker import LocalBroker
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECT = "1fe0bbc4a2bb1a83c93871ccb202e75c"

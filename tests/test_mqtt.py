@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from scanner.config import Config, from_table
-from scanner.localbroker import LocalBroker
-from scanner.mqtt import Publisher, connect_failure
-from scanner.outbox import Outbox
+from scanner.gate.outbox import Outbox
+from scanner.gate.publisher import Publisher, connect_failure
+from scanner.sim.localbroker import LocalBroker
 from tests.conftest import unique_name
 from tests.mqtt_helpers import Subscriber, wait_until
 
@@ -155,8 +155,8 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 from scanner.config import from_table
-from scanner.mqtt import Publisher
-from scanner.outbox import Outbox
+from scanner.gate.publisher import Publisher
+from scanner.gate.outbox import Outbox
 config = from_table(json.loads(sys.argv[1]))
 pub = Publisher(config, Outbox(Path(sys.argv[2]), max_events=100), status=lambda: {}).start()
 if not pub.wait_connected(10):
@@ -667,7 +667,7 @@ def test_the_check_in_window_leaves_room_under_the_brokers_receive_maximum(
     # mosquitto announces max_inflight_messages as its v5 Receive Maximum. Brokers that
     # enforce it (HiveMQ: 10) close the connection when it is exceeded, and availability,
     # status and the Home Assistant configs count too.
-    from scanner.telemetry import ha_discovery
+    from scanner.gate.telemetry import ha_discovery
 
     with LocalBroker(tmp_broker_dir, extra_config="max_inflight_messages 10") as small:
         base = make_config(small, tmp_path)

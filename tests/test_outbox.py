@@ -8,11 +8,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from scanner.outbox import Outbox, OutboxError, bench_commits
+from scanner.gate.outbox import Outbox, OutboxError, bench_commits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -227,7 +228,7 @@ def test_read_only_dir_raises() -> None:
 CHILD = """
 import sys
 from pathlib import Path
-from scanner.outbox import Outbox
+from scanner.gate.outbox import Outbox
 ob = Outbox(Path(sys.argv[1]), max_events=1_000_000)
 while True:
     seq = ob.append(lambda seq, created: b'{"seq": %d}' % seq)
@@ -282,12 +283,16 @@ def test_two_threads(tmp_path: Path) -> None:
 
     t = threading.Thread(target=producer)
     t.start()
-    # Bounded: at most 300 rows exist, and the loop ends once the producer is done and all removed.
-    for _ in range(100_000):
+    # Bounded by time, not by turns: 300 synced commits take seconds on a busy disk, and a
+    # consumer that spun through a fixed number of turns gave up before the producer was done.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         rows = ob.pending(limit=50)
         removed += ob.remove(s for s, _ in rows)
         if done.is_set() and not rows and ob.depth() == 0:
             break
+        if not rows:
+            done.wait(0.001)
     t.join(timeout=30)
     assert appended == list(range(1, 301))
     assert removed == 300
@@ -308,7 +313,7 @@ def test_bench_commits(tmp_path: Path) -> None:
 BLOCK_CHILD = """
 import sys
 from pathlib import Path
-from scanner.outbox import Outbox
+from scanner.gate.outbox import Outbox
 ob = Outbox(Path(sys.argv[1]), max_events=1_000_000, seq_block=3)
 while True:
     seq = ob.append(lambda seq, created: b'{"seq": %d}' % seq)

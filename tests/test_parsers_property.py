@@ -6,11 +6,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scanner import credentials
-from scanner.fuzzbench import NOW, ParserErrorCounter, samples
+from scanner.bench.fuzz import NOW, ParserErrorCounter, samples
 from scanner.models import Credential, Reason
 
 PAYLOADS, TRUST = samples()
-READER = credentials.reader_for(TRUST, None)
+READER = credentials.reader_for(pass_trust=TRUST.pass_trust, dcc_trust=TRUST.dcc_trust)
 PREFIXES = [b"", b"HC1:", b"GP1:", b"gp1:", b"079190001234|", *PAYLOADS.values()]
 
 

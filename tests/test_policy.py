@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from scanner import credentials, lists, policy
-from scanner.lists import ListInfo, TextList, TrustData
+from scanner import credentials
+from scanner.gate import lists, policy
+from scanner.gate.lists import ListInfo, TextList, TrustData
 from scanner.models import Credential, CredentialType, Reason
 
 NOW = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)

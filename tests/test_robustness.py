@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scanner import decode as decode_mod
-from scanner import synth
-from scanner.decode import Decoder
+from scanner.gate import decode as decode_mod
+from scanner.gate.decode import Decoder
+from scanner.sim import synth
 from tests.robustness_set import KINDS, Case, cases, pass_rates
 
 # Chain pass rates with seeds=2 (16 cases per kind) when set, minus ~one case of slack.

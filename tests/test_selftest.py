@@ -9,9 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from scanner import selftest, synth
 from scanner.cli import main
-from scanner.localbroker import free_port
+from scanner.fleet import selftest
+from scanner.sim import synth
+from scanner.sim.localbroker import free_port
 
 STATUSES = ("PASS", "WARN", "FAIL")
 
@@ -129,10 +130,8 @@ def test_power_check(flags: dict[str, object] | None, status: str) -> None:
 
 
 def test_disk_thresholds_and_corrupt_outbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import scanner.telemetry as telemetry
-
     for free, status in ((10 * 2**20, "FAIL"), (100 * 2**20, "WARN"), (2**30, "PASS")):
-        monkeypatch.setattr(telemetry, "disk_free_bytes", lambda _p, free=free: free)
+        monkeypatch.setattr(selftest, "disk_free_bytes", lambda _p, free=free: free)
         assert selftest.check_disk(tmp_path).status == status
     bad = tmp_path / "outbox.db"
     bad.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
@@ -143,8 +142,8 @@ def test_disk_thresholds_and_corrupt_outbox(tmp_path: Path, monkeypatch: pytest.
 def test_certificate_expiry_warns_within_30_days(tmp_path: Path) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from scanner import pki
     from scanner.config import from_table
+    from scanner.fleet import pki
 
     pki.init_ca(tmp_path / "ca")
     issued = pki.issue_client(tmp_path / "ca", "device", "gate-1", days=20)
@@ -166,8 +165,8 @@ def test_certificate_expiry_warns_within_30_days(tmp_path: Path) -> None:
 
 def test_the_last_result_is_kept_for_the_daemons_retained_status(tmp_path):
     from scanner import config as config_mod
-    from scanner.app import App
-    from scanner.selftest import Check, save_result
+    from scanner.fleet.selftest import Check, save_result
+    from scanner.gate.app import App
 
     cfg = config_mod.from_table({"device": {"id": "g", "site": "s"}, "storage": {"dir": str(tmp_path)}})
     assert App(cfg).status()["selftest"] is None

@@ -12,7 +12,7 @@ from gpiozero import Device
 from gpiozero.pins.mock import MockFactory, MockPin
 
 from scanner.config import GpioConfig
-from scanner.signals import PinFactoryError, Signals, force_relay_off, make_pin_factory
+from scanner.gate.signals import PinFactoryError, Signals, force_relay_off, make_pin_factory
 
 RELAY, GREEN, RED, BUZZER = 17, 27, 22, 23
 WAIT_S = 3.0  # upper bound for any wait below; normal runs take a fraction of it
@@ -129,7 +129,7 @@ def test_relay_is_driven_off_before_any_other_pin_is_touched(
 def test_accept_is_exactly_one_pulse_with_green_and_one_beep(
     factory: RecordingFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="scanner.signals")
+    caplog.set_level(logging.INFO, logger="scanner.gate.signals")
     with FastSignals(gpio(relay_pulse_s=0.2), pin_factory=factory) as signals:
         relay = factory.pin(RELAY)
         relay.clear_states()
@@ -142,7 +142,7 @@ def test_accept_is_exactly_one_pulse_with_green_and_one_beep(
         assert_timing(factory.pin(GREEN), [(0.0, False), (0.0, True), (0.2, False)])
         assert factory.states(RED) == [False]
         assert signals.guard_trips == 0
-    messages = [r.getMessage() for r in caplog.records if r.name == "scanner.signals"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "scanner.gate.signals"]
     assert "relay on (pulse 0.2 s)" in messages
     assert "relay off" in messages
 
@@ -318,7 +318,7 @@ def test_make_pin_factory_mock_does_not_set_the_global() -> None:
 
 
 def test_make_pin_factory_auto_names_what_it_tried(monkeypatch: pytest.MonkeyPatch) -> None:
-    import scanner.signals as signals_module
+    import scanner.gate.signals as signals_module
 
     def broken(name: str) -> object:
         raise OSError(f"no {name} here")
@@ -337,7 +337,7 @@ def test_make_pin_factory_auto_names_what_it_tried(monkeypatch: pytest.MonkeyPat
 def test_make_pin_factory_auto_picks_first_that_works(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import scanner.signals as signals_module
+    import scanner.gate.signals as signals_module
 
     made = MockFactory()
 
@@ -347,7 +347,7 @@ def test_make_pin_factory_auto_picks_first_that_works(
         return made
 
     monkeypatch.setattr(signals_module, "_load_factory", fake)
-    caplog.set_level(logging.INFO, logger="scanner.signals")
+    caplog.set_level(logging.INFO, logger="scanner.gate.signals")
     try:
         assert make_pin_factory("auto") is made
         assert "gpio pin factory: rpigpio (auto)" in caplog.text

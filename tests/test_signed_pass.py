@@ -32,7 +32,7 @@ from scanner.credentials.signed import (
     TrustStore,
     b45decode,
 )
-from scanner.decode import Decoder
+from scanner.gate.decode import Decoder
 from scanner.models import CredentialType, Reason
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import zxingcpp
 from pyzbar.pyzbar import ZBarSymbol
 from pyzbar.pyzbar import decode as zbar_decode
 
-from scanner import synth
+from scanner.sim import synth
 
 # Measured while tuning: 99.0% of 400 default paper scenes, 98.3% of 400 screens; this test's
 # fixed sample (one in four a screen) reads 97/100. Frames are deterministic, so the floor only

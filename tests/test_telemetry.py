@@ -12,17 +12,18 @@ import jsonschema
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from scanner import telemetry
-from scanner.app import App
-from scanner.mqtt import Publisher
-from scanner.outbox import Outbox
+from scanner import events
+from scanner.gate import telemetry
+from scanner.gate.app import App
+from scanner.gate.outbox import Outbox
+from scanner.gate.publisher import Publisher
 from tests.conftest import unique_name
 from tests.mqtt_helpers import wait_until
 from tests.test_app import make_config
 from tests.test_commands import HeldSource, gate_config, running
 
-HEALTH = json.loads(telemetry.schema_path("health").read_text())
-STATUS = json.loads(telemetry.schema_path("status").read_text())
+HEALTH = json.loads(events.schema_path("health").read_text())
+STATUS = json.loads(events.schema_path("status").read_text())
 
 
 # -- pure functions ---------------------------------------------------------------------------

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from scanner import cli, events
-from scanner.collector import parse_event
+from scanner.central.collector import parse_event
+from scanner.central.store import open_store
+from scanner.central.trace import TraceError, parse_duration, parse_time, pseudonyms, read_key, trace
 from scanner.models import CheckinEvent
-from scanner.store import open_store
-from scanner.trace import TraceError, parse_duration, parse_time, pseudonyms, read_key, trace
 from tests import pg
 
 KEY = b"k" * 32

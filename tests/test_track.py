@@ -1,6 +1,6 @@
 import pytest
 
-from scanner.track import PresenceTracker
+from scanner.gate.track import PresenceTracker
 
 A, B = b"CODE-A", b"CODE-B"
 

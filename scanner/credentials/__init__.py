@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from datetime import datetime
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime
 
-from scanner.credentials import plain
+from scanner.credentials import cccd, dcc, plain, signed
 from scanner.models import Credential, CredentialType, Reason
-
-if TYPE_CHECKING:
-    from scanner.config import Config
-    from scanner.lists import TrustData
 
 log = logging.getLogger(__name__)
 
@@ -52,47 +47,32 @@ class CredentialReader:
         )
 
 
-def _plain(payload: bytes, _now: datetime) -> Credential | None:
-    return plain.parse(payload)
-
-
 def parse(payload: bytes, now: datetime | None = None) -> Credential:
     """Every format, with no trust data (tools, tests): signed formats come out ``unknown_issuer``."""
-    from datetime import UTC
-
-    from scanner.lists import TrustData
-
-    return reader_for(TrustData(), None).parse(payload, now or datetime.now(UTC))
+    return reader_for().parse(payload, now or datetime.now(UTC))
 
 
-def reader_for(trust: TrustData, config: Config | None) -> CredentialReader:
-    """The parsers this gate runs, bound to its current trust data.
+def reader_for(
+    *,
+    pass_trust: signed.TrustStore | None = None,
+    dcc_trust: dcc.DccTrustList | None = None,
+    dcc_rules: dcc.DccRules | None = None,
+) -> CredentialReader:
+    """The parsers a gate runs, bound to its current trust data.
 
     Every format is always recognised, even one this gate does not accept or has no trust
     data for: an EU DCC with no trust list configured is an ``unknown_issuer`` DCC, never a
     plain code that an empty allow list would let through.
     """
-    from datetime import UTC
-
-    from scanner.credentials import cccd, dcc, signed
-
-    rules = dcc.DccRules()
-    if config is not None:
-        rules = dcc.DccRules(
-            vaccination=config.dcc.vaccination,
-            test=config.dcc.test,
-            recovery=config.dcc.recovery,
-            vaccination_min_days=config.dcc.vaccination_min_days,
-            test_max_hours=float(config.dcc.test_max_hours),
-        )
-    pass_trust = trust.pass_trust or signed.TrustStore.of(
-        [], version=0, issued=datetime(1970, 1, 1, tzinfo=UTC)
+    pass_verifier = signed.PassVerifier(
+        pass_trust or signed.TrustStore.of([], version=0, issued=datetime(1970, 1, 1, tzinfo=UTC))
     )
-    dcc_trust = trust.dcc_trust or dcc.DccTrustList.of([])
+    dcc_verifier = dcc.DccVerifier(dcc_trust or dcc.DccTrustList.of([]), dcc_rules or dcc.DccRules())
 
     def _cccd(payload: bytes, _now: datetime) -> Credential | None:
         return cccd.parse(payload)
 
-    return CredentialReader(
-        [signed.PassVerifier(pass_trust).parse, dcc.DccVerifier(dcc_trust, rules).parse, _cccd, _plain]
-    )
+    def _plain(payload: bytes, _now: datetime) -> Credential | None:
+        return plain.parse(payload)
+
+    return CredentialReader([pass_verifier.parse, dcc_verifier.parse, _cccd, _plain])

@@ -14,7 +14,7 @@ _VALUE = {ord(c): i for i, c in enumerate(ALPHABET)}
 
 
 def encode(data: bytes) -> str:
-    out = []
+    out: list[str] = []
     for i in range(0, len(data) - 1, 2):
         n = data[i] * 256 + data[i + 1]
         c, n = n % 45, n // 45

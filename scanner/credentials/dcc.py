@@ -9,7 +9,7 @@ Every stage is a function of its own so that ``bench dcc`` can check each stage 
 dgc-testdata expectations; :class:`DccVerifier` chains them. Nothing here raises on input
 from a QR code: failures become a :class:`~scanner.models.Credential` with ``problem`` set.
 
-Reasons (DESIGN §4 codes):
+Reasons (the reason codes of the check-in contract):
 
 - ``malformed``: Base45, zlib, CBOR or COSE structure errors, an unsupported algorithm, a
   missing ``exp`` or an hcert without name or a readable v/t/r entry.
@@ -70,6 +70,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
+from scanner.config import DccConfig
 from scanner.credentials import base45
 from scanner.models import Credential, CredentialType, Reason
 
@@ -230,7 +231,7 @@ def verify_signature(cose: CoseSign1, key: Any) -> None:
     """Check the signature with one public key; ``bad_signature`` on any mismatch."""
     tbs = cose.to_be_signed()
     try:
-        if cose.alg in _EC_ALGS:
+        if cose.alg is not None and cose.alg in _EC_ALGS:
             curve, digest, size = _EC_ALGS[cose.alg]
             if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, curve):
                 raise DccError(Reason.BAD_SIGNATURE, f"alg {cose.alg} does not match the signer's key")
@@ -384,6 +385,9 @@ def certificate_kid(der: bytes) -> bytes:
 
 def signer_from_der(der: bytes, country: str, kid: bytes | None = None) -> DccSigner:
     """Public key and validity of a DER certificate; ``ValueError`` if no usable key is in it."""
+    key: object
+    not_before: datetime | None
+    not_after: datetime | None
     try:
         cert = x509.load_der_x509_certificate(der)
         key = cert.public_key()
@@ -399,7 +403,7 @@ def signer_from_der(der: bytes, country: str, kid: bytes | None = None) -> DccSi
 def _cert_validity(cert: x509.Certificate) -> tuple[datetime, datetime]:
     # cryptography >= 42 has the aware *_utc properties and deprecates the naive ones.
     if hasattr(cert, "not_valid_before_utc"):
-        return cert.not_valid_before_utc, cert.not_valid_after_utc
+        return cert.not_valid_before_utc, cert.not_valid_after_utc  # type: ignore[attr-defined,unused-ignore]
     return _aware(cert.not_valid_before), _aware(cert.not_valid_after)
 
 
@@ -432,7 +436,7 @@ def _walk_certificate(der: bytes) -> tuple[bytes, datetime | None, datetime | No
     tag, pos, tbs_end = _der_read(der, start)  # tbsCertificate
     if tag != 0x30:
         raise ValueError("DER: tbsCertificate is not a SEQUENCE")
-    fields_ = []
+    fields_: list[tuple[int, int, int, int]] = []
     while pos < tbs_end and len(fields_) < 7:
         tag, content, end = _der_read(der, pos)
         fields_.append((tag, pos, content, end))
@@ -486,6 +490,16 @@ class DccRules:
     vaccination_min_days: int = 14
     vaccination_max_days: int | None = None  # None: a complete vaccination does not run out
     test_max_hours: float = 72.0
+
+    @classmethod
+    def from_config(cls, config: DccConfig) -> DccRules:
+        return cls(
+            vaccination=config.vaccination,
+            test=config.test,
+            recovery=config.recovery,
+            vaccination_min_days=config.vaccination_min_days,
+            test_max_hours=float(config.test_max_hours),
+        )
 
 
 def apply_rules(hcert: Mapping[Any, Any], rules: DccRules, now: datetime, skew: timedelta) -> datetime | None:

@@ -38,7 +38,10 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+# A pass is scoped to a site by the name a gate's config gives it; any other name is a mistake.
+from scanner.config import NAME
 from scanner.credentials import base45
 from scanner.models import Credential, CredentialType, Reason
 
@@ -59,8 +62,6 @@ _MAX_MINUTES = 0xFFFFFFFF
 # Any "GP<digit>:" is ours, in any case: reporting it as a malformed pass beats letting it
 # fall through to the plain-code parser and open a gate as an unsigned code.
 _FAMILY = re.compile(rb"GP\d:", re.IGNORECASE)
-# The same shape as config [device] site: a pass scoped to a name no gate can have is a mistake.
-_SITE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 TRUST_SCHEMA_VERSION = 1
 
@@ -129,7 +130,7 @@ def decode_pass(payload: bytes) -> Body:
     site = None
     if site_bytes:
         site = site_bytes.decode("ascii", errors="replace")
-        if not _SITE.fullmatch(site):
+        if not NAME.fullmatch(site):
             raise PassFormatError("site is not a site name")
     if end <= start:
         raise PassFormatError("valid_until is not after valid_from")
@@ -180,7 +181,7 @@ class PassIssuer:
             raise ValueError(f"subject must be 1..{MAX_SUBJECT} bytes, got {len(subject)}")
         site_bytes = b""
         if site is not None:
-            if not _SITE.fullmatch(site):
+            if not NAME.fullmatch(site):
                 raise ValueError("site must be a site name: letters, digits and _.- (not first)")
             site_bytes = site.encode("ascii")
         if len(subject) + len(site_bytes) > MAX_SUBJECT_AND_SITE:
@@ -219,7 +220,6 @@ class TrustedKey:
 
 
 def public_key_b64(key: Ed25519PublicKey) -> str:
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     return base64.b64encode(key.public_bytes(Encoding.Raw, PublicFormat.Raw)).decode("ascii")
 

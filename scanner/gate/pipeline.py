@@ -1,0 +1,271 @@
+"""The scan path: frame → symbols → new scans → credential → decision → committed event → signals.
+
+:class:`Gate` owns the order that is the gate's safety promise: the event is durable in the
+outbox before the relay moves, so nobody enters without a record; when the record cannot be
+written the scan is rejected and the gate shows its fault pattern. :class:`Alarms` is the set
+of named faults the retained ``status`` carries. Nothing here starts a thread or opens a
+device: the composition root (:mod:`scanner.gate.app`) builds these and drives them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from scanner import credentials, events
+from scanner.config import Config
+from scanner.credentials.dcc import DccRules
+from scanner.gate import health, lists, policy, telemetry
+from scanner.gate.decode import Decoder
+from scanner.gate.outbox import Outbox, OutboxError
+from scanner.gate.signals import Signals
+from scanner.gate.track import PresenceTracker
+from scanner.models import CheckinEvent, Decision, Frame, Reason
+
+log = logging.getLogger(__name__)
+
+# Alarms that mean the gate cannot do its job: the red fault pattern shows while any is active.
+FAULT_ALARMS = frozenset({"outbox", "camera", "decoder"})
+
+
+def show_fault(signals: Signals, alarms: Alarms) -> None:
+    """Fault pattern on exactly while a fault alarm is active: one cause clearing must not
+    hide another (the camera coming back while the outbox is still full)."""
+    signals.set_fault(bool(FAULT_ALARMS & alarms.snapshot().keys()))
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
+    def monotonic(self) -> float: ...
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class Alarms:
+    """Named faults shown in retained ``status``; a change re-publishes it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: dict[str, str] = {}
+        self.on_change: Callable[[], None] = lambda: None
+
+    def raise_(self, name: str, detail: str) -> None:
+        with self._lock:
+            changed = self._active.get(name) != detail
+            self._active[name] = detail
+        if changed:
+            log.error("alarm %s: %s", name, detail)
+            self.on_change()
+
+    def clear(self, name: str) -> None:
+        with self._lock:
+            changed = self._active.pop(name, None) is not None
+        if changed:
+            log.warning("alarm %s cleared", name)
+            self.on_change()
+
+    def snapshot(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._active)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    decision: Decision
+    seq: int | None  # None when the event could not be committed (gate failed secure)
+
+
+class Gate:
+    """Frame → symbols → new scans → credential → decision → committed event → signals.
+
+    The order inside ``_scan`` is the safety promise: the event is durable in the outbox
+    before the relay moves, so nobody enters without a record; if the record cannot be
+    written the scan is rejected and the gate shows its fault pattern.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        decoder: Decoder,
+        outbox: Outbox,
+        signals: Signals,
+        pseudonymizer: events.Pseudonymizer,
+        clock: Clock,
+        alarms: Alarms,
+        trust: lists.TrustData | None = None,
+        on_committed: Callable[[], None] = lambda: None,
+        clock_synced: Callable[[], bool] = health.clock_synced,
+    ) -> None:
+        self._config = config
+        self._decoder = decoder
+        self._tracker = PresenceTracker(config.track.gone_after_s)
+        self._rules = policy.Rules.from_config(config)
+        self._dcc_rules = DccRules.from_config(config.dcc)
+        self._outbox = outbox
+        self._signals = signals
+        self._pseudonymizer = pseudonymizer
+        self._clock = clock
+        self._alarms = alarms
+        self._on_committed = on_committed
+        self._clock_synced = clock_synced
+        self._ids = events.Uuid7()
+        self._last_accept: dict[tuple[str, bytes], float] = {}
+        self.reasons: Counter[str] = Counter()
+        # Telemetry, read by the telemetry thread: plain counters and a bounded ring (one
+        # append per frame), so measuring costs the pipeline nothing it would notice.
+        self.frames = 0
+        self.decode_ms: deque[float] = deque(maxlen=telemetry.DECODE_RING)
+        self.set_trust(trust if trust is not None else lists.load(config))
+
+    @property
+    def trust(self) -> lists.TrustData:
+        return self._state[0]
+
+    def set_trust(self, trust: lists.TrustData) -> None:
+        """Swap in new lists. One attribute assignment: a scan sees the old or the new set, never a mix."""
+        reader = credentials.reader_for(
+            pass_trust=trust.pass_trust, dcc_trust=trust.dcc_trust, dcc_rules=self._dcc_rules
+        )
+        self._state = (trust, reader)
+
+    def process(self, frame: Frame) -> list[Outcome]:
+        started = time.perf_counter()
+        symbols = self._decoder.decode(frame.image)
+        self.decode_ms.append((time.perf_counter() - started) * 1000)
+        self.frames += 1
+        fresh = self._tracker.update((s.payload for s in symbols), frame.captured)
+        return [self._scan(payload) for payload in fresh]
+
+    def _scan(self, payload: bytes) -> Outcome:
+        trust, reader = self._state
+        scanned_at = self._clock.now()
+        credential = reader.parse(payload, scanned_at)
+        subject = self._pseudonymizer.subject(str(credential.type), credential.identity)
+        passback_key = (str(credential.type), credential.credential_id or credential.identity)
+        now_mono = self._clock.monotonic()
+        last = self._last_accept.get(passback_key) if credential.identity else None
+        decision = policy.decide(
+            credential,
+            subject=subject,
+            rules=self._rules,
+            trust=trust,
+            now=scanned_at,
+            since_last_accept_s=None if last is None else now_mono - last,
+        )
+        synced = self._clock_synced()
+        device = self._config.device
+
+        def build(seq: int, _created: str) -> bytes:
+            event = events.build_event(
+                decision,
+                seq=seq,
+                event_id=self._ids.new(int(scanned_at.timestamp() * 1000)),
+                device=device.id,
+                site=device.site,
+                direction=device.direction,
+                scanned_at=scanned_at,
+                clock_synced=synced,
+                subject=subject,
+            )
+            return events.to_json(event)
+
+        try:
+            seq = self._commit(build)
+        except OutboxError as exc:
+            self._signals.rejected()
+            self.reasons["device_fault"] += 1
+            log.error("scan rejected: the check-in could not be recorded (%s); gate fails secure", exc)
+            return Outcome(Decision(False, Reason.DEVICE_FAULT, credential, str(exc)), None)
+        # Only now, with the record durable, may the door open.
+        if decision.accepted:
+            self._signals.accepted()
+            self._remember_accept(passback_key, now_mono)
+        else:
+            self._signals.rejected()
+        self.reasons[decision.reason] += 1
+        log.info(
+            "seq=%d %s reason=%s type=%s%s%s",
+            seq,
+            decision.outcome,
+            decision.reason,
+            credential.type,
+            f" ({decision.detail})" if decision.detail else "",
+            f" flags={','.join(decision.flags)}" if decision.flags else "",
+        )
+        self._on_committed()
+        return Outcome(decision, seq)
+
+    def remote_open(self, kid: str) -> tuple[bool, str]:
+        """An operator's signed ``open``: an entry without a credential, recorded like any other.
+
+        The event (decision accepted, reason ok, credential type ``operator`` with the
+        operator key id as issuer) is committed before the relay moves; if it cannot be
+        committed the gate stays shut and shows its fault, exactly as for a scan.
+        """
+        opened_at = self._clock.now()
+        synced = self._clock_synced()
+        device = self._config.device
+
+        def build(seq: int, _created: str) -> bytes:
+            return events.to_json(
+                CheckinEvent(
+                    event_id=self._ids.new(int(opened_at.timestamp() * 1000)),
+                    seq=seq,
+                    device=device.id,
+                    site=device.site,
+                    direction=device.direction,
+                    ts=events.utc_ms(opened_at),
+                    clock_synced=synced,
+                    decision="accepted",
+                    reason=str(Reason.OK),
+                    credential_type="operator",
+                    subject=None,
+                    issuer=kid or None,
+                )
+            )
+
+        try:
+            seq = self._commit(build)
+        except OutboxError as exc:
+            log.error("remote open refused: it could not be recorded (%s); gate stays shut", exc)
+            return False, f"the open could not be recorded ({exc}); the gate stays shut"
+        self._signals.accepted()  # only now, with the record durable
+        self.reasons[Reason.OK] += 1
+        log.info("seq=%d accepted reason=ok type=operator (remote open, kid %s)", seq, kid or "-")
+        self._on_committed()
+        return True, f"opened; recorded as seq {seq}"
+
+    def _commit(self, build: Callable[[int, str], bytes]) -> int:
+        """Append one event durably and return its seq. On OutboxError the ``outbox`` alarm and
+        the fault pattern are already up when it reaches the caller, who keeps the door shut."""
+        try:
+            seq = self._outbox.append(build)
+        except OutboxError as exc:
+            self._signals.set_fault(True)
+            self._alarms.raise_("outbox", f"cannot record check-ins: {exc}")
+            raise
+        if "outbox" in self._alarms.snapshot():
+            self._alarms.clear("outbox")
+            show_fault(self._signals, self._alarms)
+        return seq
+
+    def _remember_accept(self, key: tuple[str, bytes], now_mono: float) -> None:
+        window = self._rules.anti_passback_s
+        if window <= 0:
+            return
+        self._last_accept[key] = now_mono
+        if len(self._last_accept) > 4096:  # a busy day: forget what is past the window
+            self._last_accept = {k: t for k, t in self._last_accept.items() if now_mono - t < window}

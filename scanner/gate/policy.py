@@ -1,0 +1,93 @@
+"""The entry decision: a pure function of the credential, the lists, the rules and the clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from scanner.config import Config
+from scanner.gate.lists import TrustData, id_key
+from scanner.models import Credential, CredentialType, Decision, Reason
+
+STALE_FLAG = "stale_trust_data"
+
+# Which lists a decision about each credential type depends on: only those can make it stale.
+_LISTS_FOR: dict[CredentialType, frozenset[str]] = {
+    CredentialType.SIGNED: frozenset({"pass_trust", "revocation", "allowlist", "denylist"}),
+    CredentialType.DCC: frozenset({"dcc_trust", "revocation", "allowlist", "denylist"}),
+    CredentialType.CCCD: frozenset({"allowlist", "denylist"}),
+    CredentialType.PLAIN: frozenset({"allowlist", "denylist"}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    accept: frozenset[CredentialType]
+    site: str
+    anti_passback_s: float = 0.0
+    max_list_age_s: float = 0.0
+    stale_action: str = "reject"  # "reject" | "flag"
+
+    @classmethod
+    def from_config(cls, config: Config) -> Rules:
+        policy = config.policy
+        return cls(
+            accept=frozenset(CredentialType(t) for t in policy.accept),
+            site=config.device.site,
+            anti_passback_s=policy.anti_passback_s,
+            max_list_age_s=policy.max_list_age_h * 3600.0,
+            stale_action=policy.stale_lists,
+        )
+
+
+def decide(
+    credential: Credential,
+    *,
+    subject: str | None,
+    rules: Rules,
+    trust: TrustData,
+    now: datetime,
+    since_last_accept_s: float | None = None,
+) -> Decision:
+    """Accept or reject with a reason.
+
+    ``subject`` is the credential's pseudonym (lists may hold pseudonyms instead of raw IDs,
+    so a list file leaks nobody's ID number). ``since_last_accept_s`` is how long ago this
+    same credential was last accepted at this gate (anti-passback), measured by the caller
+    on a monotonic clock so that a wall-clock jump cannot lock anyone out.
+    """
+
+    def reject(reason: Reason, detail: str = "") -> Decision:
+        return Decision(False, reason, credential, detail or credential.detail)
+
+    if credential.problem is not None:
+        return reject(credential.problem)
+    if credential.type not in rules.accept:
+        return reject(Reason.TYPE_NOT_ACCEPTED, f"{credential.type} is not accepted here")
+    # Deny beats everything else: a banned badge must not pass because it is also allowed.
+    if trust.deny is not None and trust.deny.matches(credential.identity, subject):
+        return reject(Reason.DENYLISTED)
+    revoked = trust.revoked
+    if revoked is not None and credential.credential_id and id_key(credential.credential_id) in revoked.ids:
+        return reject(Reason.REVOKED)
+    if trust.allow is not None and not trust.allow.matches(credential.identity, subject):
+        return reject(Reason.NOT_ALLOWLISTED)
+    if credential.valid_from is not None and now < credential.valid_from:
+        return reject(Reason.NOT_YET_VALID)
+    if credential.valid_until is not None and now >= credential.valid_until:
+        return reject(Reason.EXPIRED)
+    if credential.site is not None and credential.site != rules.site:
+        return reject(Reason.WRONG_SITE)
+    flags: tuple[str, ...] = ()
+    stale = trust.stale(now, rules.max_list_age_s, _LISTS_FOR.get(credential.type, frozenset()))
+    if stale:
+        if rules.stale_action == "reject":
+            return reject(Reason.STALE_TRUST_DATA, f"stale: {', '.join(stale)}")
+        flags = (STALE_FLAG,)
+    if (
+        since_last_accept_s is not None
+        and rules.anti_passback_s > 0
+        and since_last_accept_s < rules.anti_passback_s
+    ):
+        return reject(Reason.ANTI_PASSBACK, f"accepted here {since_last_accept_s:.0f} s ago")
+    return Decision(True, Reason.OK, credential, flags=flags)
