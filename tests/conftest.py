@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,10 +34,6 @@ def subscribe(broker: LocalBroker) -> Iterator[Callable[..., Subscriber]]:
     yield make
     for s in made:
         s.close()
-
-
-def unique_name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture

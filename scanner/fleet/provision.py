@@ -3,7 +3,7 @@
 The bundle is a directory (or, with ``--out NAME.tar``, a tar of the same files) that a
 technician copies to the SD card's boot partition as ``gate-scanner/`` (or
 ``gate-scanner.tar``). ``firmware/files/gate-scanner-firstboot.sh`` installs it; the layout
-below is the contract between the two, and tests/test_firmware.py round-trips it::
+below is the contract between the two, and tests/fleet/test_firmware.py round-trips it::
 
     gate.toml              → /etc/gate-scanner/gate.toml            0640 root:gate-scanner
     ca.pem                 → /etc/gate-scanner/ca.pem               0644

@@ -27,6 +27,7 @@ from scanner.gate.camera.slot import LatestFrameSlot
 from scanner.gate.camera.watchdog import CameraSupervisor, FrameCheck
 from scanner.gate.health import SystemdNotifier
 from scanner.models import Frame
+from tests.helpers import make_config
 from tests.mqtt_helpers import wait_until
 
 WAIT = 5.0  # bound for thread hand-offs; never slept
@@ -406,24 +407,9 @@ def test_an_opencv_camera_unplugged_then_replugged_recovers(source: str) -> None
 # --- the app: fault, status, alarm and the systemd watchdog ---------------------------------
 
 
-def make_config(tmp_path: Path, **camera: object) -> config_mod.Config:
-    return config_mod.from_table(
-        {
-            "device": {"id": "gate-w", "site": "site-w"},
-            "camera": {
-                "source": "dir:unused",
-                "fps": 50.0,
-                "capture_timeout_s": 0.2,
-                "reopen_backoff_s": 0.02,
-                "reopen_backoff_max_s": 0.05,
-                **camera,
-            },
-            "gpio": {"pin_factory": "mock"},
-            "mqtt": {"host": "127.0.0.1", "port": 9},
-            "storage": {"dir": str(tmp_path / "state")},
-            "daemon": {"drain_timeout_s": 0.2},
-        }
-    )
+def watchdog_config(tmp_path: Path, **camera: object) -> config_mod.Config:
+    fast = {"fps": 50.0, "capture_timeout_s": 0.2, "reopen_backoff_s": 0.02, "reopen_backoff_max_s": 0.05}
+    return make_config(tmp_path, {"camera": fast, "daemon": {"drain_timeout_s": 0.2}}, camera=camera)
 
 
 class PluggableSource:
@@ -479,7 +465,7 @@ def running_app(tmp_path: Path, source: PluggableSource, monkeypatch: pytest.Mon
         sock.setblocking(False)
         notifier = SystemdNotifier({"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "100000"})
         factory = MockFactory()
-        app = App(make_config(tmp_path, **camera), pin_factory=factory, source=source, notifier=notifier)
+        app = App(watchdog_config(tmp_path, **camera), pin_factory=factory, source=source, notifier=notifier)
         stop = threading.Event()
         runner = threading.Thread(target=app.run, args=(stop,), daemon=True)
         runner.start()

@@ -34,8 +34,9 @@ from scanner.credentials.signed import (
 )
 from scanner.gate.decode import Decoder
 from scanner.models import CredentialType, Reason
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 KID = bytes.fromhex("0a0b0c0d")
 PASS_ID = bytes.fromhex("0102030405060708")

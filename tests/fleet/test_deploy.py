@@ -31,9 +31,9 @@ from scanner.fleet import pki
 from scanner.gate.outbox import Outbox
 from scanner.gate.publisher import Publisher
 from scanner.sim.localbroker import LocalBroker
+from tests.helpers import REPO
 from tests.mqtt_helpers import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED_CONF = REPO / "deploy" / "mosquitto" / "gate-scanner.conf"
 SHIPPED_ACL = REPO / "deploy" / "mosquitto" / "acl"
 NOT_AUTHORIZED = 0x87
@@ -493,7 +493,7 @@ def test_revoked_gate_is_refused_and_its_id_can_be_reissued(tmp_path: Path) -> N
 def test_monitor_with_the_operator_certificate(
     central: DeployedBroker, certs: Path, tmp_path: Path, clients: list[TlsClient]
 ) -> None:
-    from tests.test_monitor import MonitorProcess
+    from tests.helpers import MonitorProcess
 
     operator = certs / "operator"
     config = tmp_path / "operator.toml"

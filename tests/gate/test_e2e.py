@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
@@ -10,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -28,6 +26,7 @@ from scanner.sim import synth
 from scanner.sim.demo import ALLOWED, DENIED, write_demo_files
 from scanner.sim.demo import SCENES as DEMO_SCENES
 from scanner.sim.localbroker import LocalBroker
+from tests.helpers import rising_edges, toml_text, toml_with
 from tests.mqtt_helpers import Subscriber, wait_until
 
 SCHEMA = json.loads(events.schema_path().read_text())
@@ -38,16 +37,8 @@ OVERSIZED = ("OVERSIZED-" * 60).encode()  # 600 bytes: far past a plain code's 2
 def configure(workdir: Path, port: int, scenes: Sequence[tuple[str, bytes | str]], **overrides: object):
     """The demo's gate config over these scenes, with ``section.key`` overrides."""
     path = write_demo_files(workdir, broker_port=port, scenes=scenes, fps=40.0)
-    path.write_text(_toml(_table(path, overrides)))
+    path.write_text(toml_text(toml_with(path, overrides)))
     return config_mod.load(path)
-
-
-def _table(path: Path, overrides: dict[str, object]) -> dict:
-    table = tomllib.loads(path.read_text())
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        table.setdefault(section, {})[key] = value
-    return table
 
 
 def run_app(cfg: config_mod.Config, factory: MockFactory, timeout: float = 60.0) -> tuple[App, int]:
@@ -75,10 +66,6 @@ def checkins(sub: Subscriber) -> list[dict]:
 
 def seqs(sub: Subscriber) -> set[int]:
     return {e["seq"] for e in checkins(sub)}
-
-
-def rising_edges(states: list[bool]) -> int:
-    return sum(1 for before, after in itertools.pairwise(states) if after and not before)
 
 
 def check_events(received: list[dict]) -> None:
@@ -198,7 +185,7 @@ def test_sigkill_with_unsent_rows_then_restart_delivers_everything(tmp_path):
         cv2.imwrite(str(empty / f"{i:03d}.png"), synth.render_empty(rng))
     with broker, Subscriber(broker, "gate/+/+/checkin") as sub:
         path = tmp_path / "restart.toml"
-        path.write_text(_toml(_table(cfg.path, {"camera.source": f"dir:{empty}"})))
+        path.write_text(toml_text(toml_with(cfg.path, {"camera.source": f"dir:{empty}"})))
         result = subprocess.run(
             [sys.executable, "-m", "scanner", "run", "--config", str(path)],
             capture_output=True,
@@ -263,15 +250,6 @@ def _depth_or_zero(db: Path) -> int:
         return outbox_depth(db)
     except sqlite3.Error:  # the daemon is still creating it
         return 0
-
-
-def _toml(table: dict) -> str:
-    lines = []
-    for section, values in table.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(autouse=True)

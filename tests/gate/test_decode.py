@@ -20,8 +20,9 @@ from scanner.bench.decode import matches
 from scanner.gate import decode as decode_mod
 from scanner.gate.decode import Decoder, describe_image
 from scanner.models import Symbol
+from tests.helpers import REPO
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "qr-photos"
+CORPUS = REPO.parent / "shared" / "data" / "qr-photos"
 
 
 def render(data: str | bytes, *, scale: int = 4, border: int = 4) -> np.ndarray:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-UNIT = Path(__file__).resolve().parent.parent / "systemd" / "gate-scanner.service"
+from tests.helpers import REPO
+
+UNIT = REPO / "systemd" / "gate-scanner.service"
 INSTALLED_BINARY = "/opt/gate-scanner/.venv/bin/gate-scanner"
 MAX_EXPOSURE = 2.5
 

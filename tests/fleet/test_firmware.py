@@ -16,8 +16,9 @@ import pytest
 
 from scanner.cli import main
 from scanner.fleet import pki
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 FILES = ROOT / "firmware" / "files"
 STAGE = ROOT / "firmware" / "stage-gate-scanner"
 FIRSTBOOT = FILES / "gate-scanner-firstboot.sh"

@@ -37,8 +37,9 @@ from scanner.credentials.dcc import (
     DccVerifier,
 )
 from scanner.models import CredentialType, Reason
+from tests.helpers import REPO
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dcc-testdata"
+TESTDATA = REPO.parent / "shared" / "data" / "dcc-testdata"
 NOW = datetime(2022, 3, 1, 12, 0, tzinfo=UTC)
 B45 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ $%*+-./:"
 

@@ -7,7 +7,7 @@ What "committed" means here: ``Outbox.append`` allocates ``seq`` inside the comm
 committed events of one gate are exactly seqs 1 .. next_seq-1 of its outbox (the daemon's
 ``seq=N`` log lines, written after the commit, are a subset: a SIGKILL can land between the
 two). Commit-before-relay is asserted from MockFactory pin histories in the in-process
-cases; for subprocess runs it rests on tests/test_app.py and the store contents.
+cases; for subprocess runs it rests on tests/gate/test_app.py and the store contents.
 
 Every loop here is bounded in count and time: waits are ``wait_until`` with a timeout,
 subprocesses are waited on with a timeout and killed in ``finally``.
@@ -36,8 +36,8 @@ from scanner.gate.app import App
 from scanner.sim import synth
 from scanner.sim.demo import ALLOWED, write_demo_files
 from scanner.sim.localbroker import LocalBroker, find_mosquitto
+from tests.helpers import rising_edges, toml_text, toml_with
 from tests.mqtt_helpers import wait_until
-from tests.test_e2e import _table, _toml, rising_edges
 
 FPS = 30.0
 HOLD_S = 0.2  # 6 frames of each code ...
@@ -66,7 +66,7 @@ def make_gate(
     """A demo gate over short scenes, delivering to the collector; returns its config path."""
     path = write_demo_files(workdir, broker_port=port, scenes=[], fps=FPS)
     synth.demo_frames(workdir / "frames", codes, fps=FPS, hold_s=hold_s, gap_s=gap_s)
-    table = _table(
+    table = toml_with(
         path,
         {
             "storage.delivery": "collector",
@@ -84,7 +84,7 @@ def make_gate(
             **overrides,
         },
     )
-    path.write_text(_toml(table))
+    path.write_text(toml_text(table))
     return path
 
 
@@ -97,7 +97,7 @@ class CollectorProc:
         self.config = workdir / "collector.toml"
         self.log = workdir / "collector.log"
         self.config.write_text(
-            _toml(
+            toml_text(
                 {
                     "mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": PREFIX},
                     "collector": {"store": f"sqlite:{self.db}", "name": "c1"},

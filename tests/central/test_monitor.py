@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import queue
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +16,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from scanner.central.monitor import Monitor
 from scanner.sim.localbroker import LocalBroker
+from tests.helpers import REPO, MonitorProcess
 
-REPO = Path(__file__).resolve().parents[1]
 SUBJECT = "1fe0bbc4a2bb1a83c93871ccb202e75c"
 # The fields the monitor reads from scanner/schemas/health-1.json (the rest left out: tolerated).
 HEALTH = {
@@ -98,52 +96,6 @@ class FakeGates:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-class MonitorProcess:
-    """`python -m scanner monitor --json ...`, its stdout lines on a queue."""
-
-    def __init__(self, config: Path, *args: str, stderr: Path) -> None:
-        self.lines: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-        with stderr.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "scanner", "monitor", "--config", str(config), "--json", *args],
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-            )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(json.loads(line))
-
-    def until(self, predicate: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
-        """Collect lines until ``predicate(lines so far)`` holds; fail after ``timeout``."""
-        seen: list[dict[str, Any]] = []
-        while not predicate(seen):
-            try:
-                obj = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"monitor printed nothing matching within {timeout} s: {seen}") from None
-            seen.append(obj)
-        return seen
-
-    def finish(self, timeout: float = 10.0) -> tuple[int, list[dict[str, Any]]]:
-        code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout)
-        rest = []
-        while not self.lines.empty():
-            rest.append(self.lines.get_nowait())
-        return code, rest
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 @pytest.fixture

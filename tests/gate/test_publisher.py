@@ -22,21 +22,18 @@ from scanner.config import Config, from_table
 from scanner.gate.outbox import Outbox
 from scanner.gate.publisher import Publisher, connect_failure
 from scanner.sim.localbroker import LocalBroker
-from tests.conftest import unique_name
+from tests.helpers import REPO, make_config, unique_name
 from tests.mqtt_helpers import Subscriber, wait_until
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def make_config(
+def publisher_config(
     broker: LocalBroker, tmp_path: Path, *, delivery: str = "broker", protocol: str = "5"
 ) -> Config:
-    return from_table(
-        {
-            "device": {"id": unique_name("gate"), "site": unique_name("site")},
-            "mqtt": {"host": broker.host, "port": broker.port, "protocol": protocol, "keepalive_s": 5},
-            "storage": {"dir": str(tmp_path), "delivery": delivery},
-        }
+    return make_config(
+        tmp_path,
+        device={"id": unique_name("gate"), "site": unique_name("site")},
+        mqtt={"host": broker.host, "port": broker.port, "protocol": protocol, "keepalive_s": 5},
+        storage={"dir": str(tmp_path), "delivery": delivery},
     )
 
 
@@ -76,7 +73,7 @@ def gate(tmp_path: Path) -> Iterator[Callable[..., tuple[Publisher, Outbox, Conf
         config: Config | None = None,
         ack_timeout_s: float = 30.0,
     ) -> tuple[Publisher, Outbox, Config]:
-        config = config or make_config(broker, tmp_path, delivery=delivery, protocol=protocol)
+        config = config or publisher_config(broker, tmp_path, delivery=delivery, protocol=protocol)
         outbox = Outbox(tmp_path / f"{config.device.id}.db", max_events=10_000)
         for _ in range(preload):
             outbox.append(event)
@@ -98,7 +95,7 @@ def gate(tmp_path: Path) -> Iterator[Callable[..., tuple[Publisher, Outbox, Conf
 
 
 def test_delivers_in_seq_order(broker: LocalBroker, tmp_path: Path, gate: Any, subscribe: Any) -> None:
-    config = make_config(broker, tmp_path)
+    config = publisher_config(broker, tmp_path)
     topic = config.topic("checkin")
     sub = subscribe(topic)
     # 30 waiting in the outbox from before the start, then 50 appended while connected.
@@ -127,7 +124,7 @@ def test_v311_delivers(broker: LocalBroker, gate: Any, subscribe: Any) -> None:
 
 
 def test_availability_and_status(broker: LocalBroker, tmp_path: Path, subscribe: Any) -> None:
-    config = make_config(broker, tmp_path)
+    config = publisher_config(broker, tmp_path)
     outbox = Outbox(tmp_path / "o.db", max_events=100)
     avail, status_topic = config.topic("availability"), config.topic("status")
     sub = subscribe(avail, status_topic)
@@ -246,7 +243,7 @@ def test_broker_restart_mid_run(own_broker: LocalBroker, gate: Any, subscribe: A
 
 def test_stop_without_broker_is_bounded(tmp_path: Path) -> None:
     dead = LocalBroker(tmp_path / "never-started")  # a free port nobody listens on
-    config = make_config(dead, tmp_path)
+    config = publisher_config(dead, tmp_path)
     outbox = Outbox(tmp_path / "o.db", max_events=100)
     pub = Publisher(config, outbox, status=lambda: {}).start()
     try:
@@ -343,7 +340,7 @@ def test_acl_denied_publish_keeps_row_and_alarms(
     # Persistence and a persistent subscriber session: after the restart the gate may
     # reconnect and publish before the subscriber is back; the broker must queue it.
     with LocalBroker(tmp_broker_dir, persistence=True, extra_config=f"acl_file {acl}") as denying:
-        config = make_config(denying, tmp_path)
+        config = publisher_config(denying, tmp_path)
         outbox = Outbox(tmp_path / "o.db", max_events=100)
         alarms, cleared = Alarms(), threading.Event()
         pub = Publisher(
@@ -442,7 +439,7 @@ def test_in_flight_at_disconnect_are_resent_once(
 ) -> None:
     proxy = CuttableProxy(broker)
     try:
-        config = make_config(broker, tmp_path)
+        config = publisher_config(broker, tmp_path)
         config = dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, port=proxy.port))
         topic = config.topic("checkin")
         sub = subscribe(topic)
@@ -631,7 +628,7 @@ def test_an_ack_beyond_what_this_gate_sent_deletes_only_what_it_sent(tmp_path: P
     outbox = Outbox(tmp_path / "o.db", max_events=100)
     for _ in range(5):
         outbox.append(event)
-    pub = Publisher(make_config(dead, tmp_path, delivery="collector"), outbox, status=lambda: {})
+    pub = Publisher(publisher_config(dead, tmp_path, delivery="collector"), outbox, status=lambda: {})
     pub._on_ack(ack(1000).encode())
     assert outbox.depth() == 5
     pub._highest_sent = 3  # as if rows 1..3 had gone out on this connection
@@ -670,7 +667,7 @@ def test_the_check_in_window_leaves_room_under_the_brokers_receive_maximum(
     from scanner.gate.telemetry import ha_discovery
 
     with LocalBroker(tmp_broker_dir, extra_config="max_inflight_messages 10") as small:
-        base = make_config(small, tmp_path)
+        base = publisher_config(small, tmp_path)
         config = dataclasses.replace(
             base, homeassistant=dataclasses.replace(base.homeassistant, enabled=True)
         )

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from scanner.gate.outbox import Outbox, OutboxError, bench_commits
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def payload(seq: int, created: str) -> bytes:

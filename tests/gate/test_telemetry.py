@@ -17,10 +17,8 @@ from scanner.gate import telemetry
 from scanner.gate.app import App
 from scanner.gate.outbox import Outbox
 from scanner.gate.publisher import Publisher
-from tests.conftest import unique_name
+from tests.helpers import HeldSource, gate_config, make_config, running, unique_name
 from tests.mqtt_helpers import wait_until
-from tests.test_app import make_config
-from tests.test_commands import HeldSource, gate_config, running
 
 HEALTH = json.loads(events.schema_path("health").read_text())
 STATUS = json.loads(events.schema_path("status").read_text())
@@ -132,7 +130,8 @@ def test_health_and_status_are_published_retained_and_schema_valid(broker, tmp_p
 
 
 def test_a_nearly_full_outbox_raises_outbox_filling_in_status(tmp_path):
-    cfg = make_config(tmp_path, telemetry={"interval_s": 0.2})  # no broker: nothing drains
+    # no broker: nothing drains; 8 of 10 is the 80 % at which the alarm is raised
+    cfg = make_config(tmp_path, telemetry={"interval_s": 0.2}, storage={"outbox_max_events": 10})
     (tmp_path / "state").mkdir()
     with Outbox(tmp_path / "state" / "outbox.db", 10) as outbox:
         for _ in range(8):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -10,8 +9,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gpiozero.pins.mock import MockFactory
@@ -28,36 +24,35 @@ from paho.mqtt.properties import Properties
 
 from scanner import cli, events
 from scanner import config as config_mod
-from scanner.credentials.signed import TrustedKey, TrustStore
 from scanner.fleet.passes import default_kid
 from scanner.gate import commands
 from scanner.gate.app import App
 from scanner.gate.commands import Inbound, Refused, Verifier
 from scanner.gate.outbox import Outbox
 from scanner.gate.signals import Signals
-from scanner.models import Frame, Reason
-from scanner.sim.localbroker import LocalBroker
-from tests.conftest import unique_name
+from scanner.models import Reason
+from tests.helpers import (
+    BIG_DENY,
+    CODE_FRAME,
+    OPERATOR,
+    OPERATOR_KID,
+    REPO,
+    HeldSource,
+    OrderCheckingSignals,
+    deny_config,
+    gate_config,
+    make_gate,
+    running,
+    write_operator_keys,
+)
 from tests.mqtt_helpers import Subscriber, wait_until
-from tests.test_app import CODE_FRAME, OrderCheckingSignals, make_gate
 
 REPLY_SCHEMA = json.loads(events.schema_path("cmd-reply").read_text())
 HEALTH_SCHEMA = json.loads(events.schema_path("health").read_text())
 CHECKIN_SCHEMA = json.loads(events.schema_path().read_text())
-BLANK = np.full(CODE_FRAME.shape, 128, dtype=np.uint8)
 
-OPERATOR = Ed25519PrivateKey.generate()
-OPERATOR_KID = default_kid(OPERATOR.public_key())
 STRANGER = Ed25519PrivateKey.generate()
 STRANGER_KID = default_kid(STRANGER.public_key())
-
-
-def write_operator_keys(path: Path) -> Path:
-    store = TrustStore.of(
-        [TrustedKey(OPERATOR_KID, OPERATOR.public_key(), "control room")], version=1, issued=datetime.now(UTC)
-    )
-    path.write_text(json.dumps(store.to_json()))
-    return path
 
 
 def signed(name: str, device: str, *, key=OPERATOR, kid=OPERATOR_KID, **kw: Any) -> dict[str, Any]:
@@ -362,18 +357,6 @@ def test_write_lists_validates_everything_before_replacing_anything(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["allow.txt", "deny.txt"]  # no temp files left
 
 
-BIG_DENY = "# version: 8\n" + "".join(f"EMP-{i:04d}\n" for i in range(2000))  # ~20 kB
-
-
-def deny_config(tmp_path: Path) -> tuple[config_mod.Config, Path]:
-    deny = tmp_path / "deny.txt"
-    deny.write_text("# version: 7\nEMP-0001\n")
-    cfg = config_mod.from_table(
-        {"device": {"id": "gate-u", "site": "site-u"}, "policy": {"denylist_file": str(deny)}}
-    )
-    return cfg, deny
-
-
 @pytest.mark.parametrize("writer", [_full_after(4096), _full_after(0), _claims_all])
 def test_a_list_cut_off_by_a_full_disk_is_refused_and_the_old_one_kept(tmp_path, monkeypatch, writer):
     cfg, deny = deny_config(tmp_path)
@@ -401,7 +384,7 @@ def test_a_list_over_the_room_left_is_refused_by_the_real_kernel(tmp_path):
     child = textwrap.dedent(
         """
         import json, resource, signal, sys
-        from tests.test_commands import BIG_DENY, deny_config
+        from tests.helpers import BIG_DENY, deny_config
         from pathlib import Path
         from scanner.gate import commands
         cfg, deny = deny_config(Path(sys.argv[1]))
@@ -415,7 +398,7 @@ def test_a_list_over_the_room_left_is_refused_by_the_real_kernel(tmp_path):
             print(json.dumps(["ok", ""]))
         """
     )
-    root = Path(__file__).resolve().parent.parent
+    root = REPO
     done = subprocess.run(
         [sys.executable, "-c", child, str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=60
     )
@@ -466,65 +449,6 @@ def test_remote_open_with_a_full_outbox_keeps_the_gate_shut(tmp_path):
 
 
 # -- over a real broker ------------------------------------------------------------------------
-
-
-class HeldSource:
-    """A camera showing whatever ``image`` is set to, ~50 fps, until closed."""
-
-    finite = False
-
-    def __init__(self, image: np.ndarray = BLANK) -> None:
-        self.image = image
-        self._seq = 0
-
-    def open(self) -> None:
-        pass
-
-    def read(self, timeout: float) -> Frame:
-        time.sleep(0.02)
-        self._seq += 1
-        return Frame(self.image, self._seq, time.monotonic())
-
-    def close(self) -> None:
-        pass
-
-
-def gate_config(broker: LocalBroker, tmp_path: Path, **sections: dict[str, Any]) -> config_mod.Config:
-    table: dict[str, Any] = {
-        "device": {"id": unique_name("gate"), "site": unique_name("site")},
-        "camera": {
-            "source": "dir:unused",
-            "fps": 50.0,
-            "capture_timeout_s": 0.5,
-            "black_frames": 0,
-            "frozen_frames": 0,
-        },
-        "decoder": {"engines": ["zxing"], "isolate": False},
-        "gpio": {"pin_factory": "mock", "relay_pulse_s": 0.2},
-        "mqtt": {"host": broker.host, "port": broker.port, "keepalive_s": 5},
-        "storage": {"dir": str(tmp_path / "state")},
-        "daemon": {"drain_timeout_s": 0.5},
-        "commands": {"operator_keys_file": str(write_operator_keys(tmp_path / "ops.json"))},
-    }
-    for name, values in sections.items():
-        table.setdefault(name, {}).update(values)
-    return config_mod.from_table(table)
-
-
-@contextlib.contextmanager
-def running(cfg: config_mod.Config, factory: MockFactory, source: HeldSource) -> Iterator[App]:
-    app = App(cfg, pin_factory=factory, source=source)
-    stop = threading.Event()
-    thread = threading.Thread(target=app.run, args=(stop,), name="test-app", daemon=True)
-    thread.start()
-    try:
-        assert wait_until(lambda: app._publisher is not None, 10)
-        assert app._publisher.wait_subscribed(10)
-        yield app
-    finally:
-        stop.set()
-        thread.join(20)
-    assert not thread.is_alive()
 
 
 def send(

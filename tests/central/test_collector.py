@@ -26,7 +26,7 @@ from scanner.gate.publisher import Publisher
 from scanner.models import CheckinEvent
 from scanner.sim.localbroker import LocalBroker
 from tests import pg
-from tests.conftest import unique_name
+from tests.helpers import unique_name
 from tests.mqtt_helpers import Subscriber, wait_until
 
 SITE = "site-1"
@@ -353,7 +353,7 @@ def test_collector_killed_mid_burst_then_broker_restarted(url: str, tmp_path: Pa
     # on issue 6: the gate does not yet resend without a reconnect).
     with LocalBroker(tmp_path / "own-broker", extra_config="max_queued_messages 100000") as broker:
         cfg_path = tmp_path / "collector.toml"
-        cfg_path.write_text(_toml(collector_table(broker, prefix, url, "killed")))
+        cfg_path.write_text(toml_text(collector_table(broker, prefix, url, "killed")))
         log = tmp_path / "collector.log"
         proc = _spawn_collector(cfg_path, log)
         try:
@@ -502,7 +502,7 @@ def test_collect_refuses_a_bad_config(tmp_path: Path):
     assert "collector.name" in result.stderr and "collector.bogus: unknown key" in result.stderr
 
 
-def _toml(table: dict[str, dict]) -> str:
+def toml_text(table: dict[str, dict]) -> str:
     lines = []
     for section, values in table.items():
         lines.append(f"[{section}]")

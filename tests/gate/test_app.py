@@ -13,35 +13,28 @@ import pytest
 from gpiozero.pins.mock import MockFactory
 
 from scanner import config as config_mod
-from scanner import events
-from scanner.gate.app import Alarms, App, Gate, SystemClock
+from scanner.gate.app import App
 from scanner.gate.camera import CameraError
 from scanner.gate.decode import Decoder
 from scanner.gate.health import SystemdNotifier
 from scanner.gate.outbox import Outbox
 from scanner.gate.signals import Signals
 from scanner.models import Frame, Reason
-from scanner.sim import synth
+from tests.helpers import CODE_FRAME, OrderCheckingSignals, make_config, make_gate
 from tests.mqtt_helpers import wait_until
 
-
-def make_config(tmp_path: Path, **sections: dict) -> config_mod.Config:
-    table = {
-        "device": {"id": "gate-t", "site": "site-t"},
-        # give_up_after_s = 0: the watchdog stops being fed as soon as the camera fails (the
-        # grace period while it is being reopened is tested in test_camera_watchdog.py).
-        "camera": {"source": "dir:unused", "fps": 50.0, "capture_timeout_s": 0.3, "give_up_after_s": 0.0},
-        "gpio": {"pin_factory": "mock", "relay_pulse_s": 0.2},
-        "mqtt": {"host": "127.0.0.1", "port": 9},  # nothing listens: the gate must not care
-        "storage": {"dir": str(tmp_path / "state"), "outbox_max_events": 10},
-        "daemon": {"drain_timeout_s": 0.5},
-    }
-    for name, values in sections.items():
-        table.setdefault(name, {}).update(values)
-    return config_mod.from_table(table)
+APP = {
+    # give_up_after_s = 0: the watchdog stops being fed as soon as the camera fails (the
+    # grace period while it is being reopened is tested in test_camera_watchdog.py).
+    "camera": {"fps": 50.0, "capture_timeout_s": 0.3, "give_up_after_s": 0.0},
+    "gpio": {"relay_pulse_s": 0.2},
+    "storage": {"outbox_max_events": 10},
+    "daemon": {"drain_timeout_s": 0.5},
+}
 
 
-CODE_FRAME = synth.render_scene("EMP-0001", np.random.default_rng(5))
+def app_config(tmp_path: Path, **sections: dict) -> config_mod.Config:
+    return make_config(tmp_path, APP, **sections)
 
 
 class ScriptedSource:
@@ -80,7 +73,7 @@ def test_ready_then_watchdog_only_while_frames_flow_and_fault_while_camera_is_do
         sock.bind(str(sock_path))
         sock.settimeout(0.05)
         notifier = SystemdNotifier({"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "100000"})
-        cfg = make_config(tmp_path)
+        cfg = app_config(tmp_path)
         factory = MockFactory()
         source = ScriptedSource(frames=60)
         app = App(cfg, pin_factory=factory, source=source, notifier=notifier)
@@ -118,33 +111,8 @@ def test_ready_then_watchdog_only_while_frames_flow_and_fault_while_camera_is_do
         assert relay[0] is False and relay[-1] is False and relay.count(True) == 1  # one code, one pulse
 
 
-class OrderCheckingSignals(Signals):
-    """Real Signals that also record how many events were durable when the relay was asked to open."""
-
-    def __init__(self, *args, outbox: Outbox, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.depth_at_accept: list[int] = []
-        self._outbox_for_check = outbox
-
-    def accepted(self) -> None:
-        self.depth_at_accept.append(Outbox(self._outbox_for_check.path, 100).depth())
-        super().accepted()
-
-
-def make_gate(cfg, signals, outbox) -> Gate:
-    return Gate(
-        cfg,
-        decoder=Decoder(("zxing",)),
-        outbox=outbox,
-        signals=signals,
-        pseudonymizer=events.Pseudonymizer(b"k" * 32),
-        clock=SystemClock(),
-        alarms=Alarms(),
-    )
-
-
 def test_the_event_is_durable_before_the_relay_moves(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = app_config(tmp_path)
     (tmp_path / "state").mkdir()
     outbox = Outbox(tmp_path / "state" / "outbox.db", 100)
     factory = MockFactory()
@@ -161,7 +129,7 @@ def test_the_event_is_durable_before_the_relay_moves(tmp_path):
 
 
 def test_outbox_full_fails_secure_reject_fault_alarm_and_recovers(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = app_config(tmp_path)
     (tmp_path / "state").mkdir()
     outbox = Outbox(tmp_path / "state" / "outbox.db", 10)
     for _ in range(10):
@@ -189,7 +157,7 @@ def test_outbox_full_fails_secure_reject_fault_alarm_and_recovers(tmp_path):
 
 @pytest.mark.parametrize("payload", [b"\x00" * 50, b"A" * 1200, "Nguyễn Văn A".encode()])
 def test_any_payload_is_a_decision_never_an_exception(tmp_path, payload):
-    cfg = make_config(tmp_path)
+    cfg = app_config(tmp_path)
     (tmp_path / "state").mkdir()
     outbox = Outbox(tmp_path / "state" / "outbox.db", 100)
     factory = MockFactory()
@@ -204,7 +172,7 @@ def test_any_payload_is_a_decision_never_an_exception(tmp_path, payload):
 
 
 def test_a_missing_replay_folder_is_a_clear_runtime_error_not_a_silent_success(tmp_path):
-    cfg = make_config(tmp_path, camera={"source": f"dir:{tmp_path / 'no-such-folder'}"})
+    cfg = app_config(tmp_path, camera={"source": f"dir:{tmp_path / 'no-such-folder'}"})
     factory = MockFactory()
     try:
         code = App(cfg, pin_factory=factory).run(threading.Event())
@@ -216,7 +184,7 @@ def test_a_missing_replay_folder_is_a_clear_runtime_error_not_a_silent_success(t
 def test_reload_swaps_lists_keeps_old_ones_on_error_and_publishes_ages(tmp_path):
     deny = tmp_path / "deny.txt"
     deny.write_text("# version: 1\n# issued: 2026-11-28T00:00:00Z\n")
-    cfg = make_config(tmp_path, policy={"denylist_file": str(deny), "anti_passback_s": 0.0})
+    cfg = app_config(tmp_path, policy={"denylist_file": str(deny), "anti_passback_s": 0.0})
     (tmp_path / "state").mkdir()
     outbox = Outbox(tmp_path / "state" / "outbox.db", 100)
     factory = MockFactory()
@@ -246,7 +214,7 @@ def test_a_reload_that_started_earlier_never_puts_older_lists_back(tmp_path, mon
 
     deny = tmp_path / "deny.txt"
     deny.write_text("# version: 1\n")
-    cfg = make_config(tmp_path, policy={"denylist_file": str(deny), "anti_passback_s": 0.0})
+    cfg = app_config(tmp_path, policy={"denylist_file": str(deny), "anti_passback_s": 0.0})
     (tmp_path / "state").mkdir()
     outbox = Outbox(tmp_path / "state" / "outbox.db", 100)
     real_load, first_read, release = lists.load, threading.Event(), threading.Event()
@@ -282,7 +250,7 @@ def test_a_reload_that_started_earlier_never_puts_older_lists_back(tmp_path, mon
 
 
 def test_anti_passback_rejects_a_second_accept_of_the_same_credential(tmp_path):
-    cfg = make_config(tmp_path, policy={"anti_passback_s": 60.0})
+    cfg = app_config(tmp_path, policy={"anti_passback_s": 60.0})
     (tmp_path / "state").mkdir()
     outbox = Outbox(tmp_path / "state" / "outbox.db", 100)
     factory = MockFactory()
@@ -315,7 +283,7 @@ def test_a_decoder_that_dies_on_every_frame_raises_an_alarm_then_exits_for_a_res
     factory = MockFactory()
     # Frames keep coming however slowly the worker respawns: identical frames are no frozen
     # camera here, and the source never runs dry before the decoder gives up.
-    config = make_config(tmp_path, camera={"frozen_frames": 0})
+    config = app_config(tmp_path, camera={"frozen_frames": 0})
     app = App(config, pin_factory=factory, source=ScriptedSource(1_000_000))
     stop, result = threading.Event(), []
     runner = threading.Thread(target=lambda: result.append(app.run(stop)), daemon=True)

@@ -1,0 +1,266 @@
+"""Helpers shared by the tests of every room: configs, gates on mock pins, sources, processes.
+
+One place for each: a test file that needs one of these imports it from here, never from
+another test file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import uuid
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from gpiozero.pins.mock import MockFactory
+
+from scanner import config as config_mod
+from scanner import events
+from scanner.credentials.signed import TrustedKey, TrustStore
+from scanner.fleet.passes import default_kid
+from scanner.gate.app import App
+from scanner.gate.decode import Decoder
+from scanner.gate.outbox import Outbox
+from scanner.gate.pipeline import Alarms, Gate, SystemClock
+from scanner.gate.signals import Signals
+from scanner.models import Frame
+from scanner.sim import synth
+from scanner.sim.localbroker import LocalBroker
+from tests.mqtt_helpers import wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# --- configs -------------------------------------------------------------------------------
+
+
+def merged(*tables: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Config tables laid over each other, section by section (later keys win)."""
+    out: dict[str, dict[str, Any]] = {}
+    for table in tables:
+        for section, values in table.items():
+            out.setdefault(section, {}).update(values)
+    return out
+
+
+def make_config(
+    tmp_path: Path, *layers: Mapping[str, Mapping[str, Any]], **sections: Mapping[str, Any]
+) -> config_mod.Config:
+    """A gate config that touches nothing real: replayed frames that are never opened, mock pins,
+    a broker port where nothing listens, state under ``tmp_path``. ``layers`` (a test file's own
+    defaults) and then ``sections`` are laid over it."""
+    base = {
+        "device": {"id": "gate-t", "site": "site-t"},
+        "camera": {"source": "dir:unused"},
+        "gpio": {"pin_factory": "mock"},
+        "mqtt": {"host": "127.0.0.1", "port": 9},  # nothing listens: the gate must not care
+        "storage": {"dir": str(tmp_path / "state")},
+    }
+    return config_mod.from_table(merged(base, *layers, sections))
+
+
+def toml_text(table: dict[str, Any]) -> str:
+    """A config table as TOML (flat sections of scalars and lists, all our configs need)."""
+    lines = []
+    for section, values in table.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def toml_with(path: Path, overrides: dict[str, object]) -> dict[str, Any]:
+    """The TOML file at ``path`` as a table, with ``section.key`` overrides."""
+    table = tomllib.loads(path.read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        table.setdefault(section, {})[key] = value
+    return table
+
+
+# --- a gate on mock pins ---------------------------------------------------------------------
+
+CODE_FRAME = synth.render_scene("EMP-0001", np.random.default_rng(5))
+BLANK = np.full(CODE_FRAME.shape, 128, dtype=np.uint8)
+
+
+def rising_edges(states: list[bool]) -> int:
+    return sum(1 for before, after in itertools.pairwise(states) if after and not before)
+
+
+class OrderCheckingSignals(Signals):
+    """Real Signals that also record how many events were durable when the relay was asked to open."""
+
+    def __init__(self, *args, outbox: Outbox, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.depth_at_accept: list[int] = []
+        self._outbox_for_check = outbox
+
+    def accepted(self) -> None:
+        self.depth_at_accept.append(Outbox(self._outbox_for_check.path, 100).depth())
+        super().accepted()
+
+
+def make_gate(cfg, signals, outbox) -> Gate:
+    return Gate(
+        cfg,
+        decoder=Decoder(("zxing",)),
+        outbox=outbox,
+        signals=signals,
+        pseudonymizer=events.Pseudonymizer(b"k" * 32),
+        clock=SystemClock(),
+        alarms=Alarms(),
+    )
+
+
+class HeldSource:
+    """A camera showing whatever ``image`` is set to, ~50 fps, until closed."""
+
+    finite = False
+
+    def __init__(self, image: np.ndarray | None = None) -> None:
+        image = BLANK if image is None else image
+        self.image = image
+        self._seq = 0
+
+    def open(self) -> None:
+        pass
+
+    def read(self, timeout: float) -> Frame:
+        time.sleep(0.02)
+        self._seq += 1
+        return Frame(self.image, self._seq, time.monotonic())
+
+    def close(self) -> None:
+        pass
+
+
+# --- operator commands -----------------------------------------------------------------------
+
+OPERATOR = Ed25519PrivateKey.generate()
+
+
+OPERATOR_KID = default_kid(OPERATOR.public_key())
+
+
+def write_operator_keys(path: Path) -> Path:
+    store = TrustStore.of(
+        [TrustedKey(OPERATOR_KID, OPERATOR.public_key(), "control room")], version=1, issued=datetime.now(UTC)
+    )
+    path.write_text(json.dumps(store.to_json()))
+    return path
+
+
+BIG_DENY = "# version: 8\n" + "".join(f"EMP-{i:04d}\n" for i in range(2000))  # ~20 kB
+
+
+def deny_config(tmp_path: Path) -> tuple[config_mod.Config, Path]:
+    deny = tmp_path / "deny.txt"
+    deny.write_text("# version: 7\nEMP-0001\n")
+    cfg = config_mod.from_table(
+        {"device": {"id": "gate-u", "site": "site-u"}, "policy": {"denylist_file": str(deny)}}
+    )
+    return cfg, deny
+
+
+# --- a whole gate on a real broker -------------------------------------------------------------
+
+
+def gate_config(broker: LocalBroker, tmp_path: Path, **sections: dict[str, Any]) -> config_mod.Config:
+    table: dict[str, Any] = {
+        "device": {"id": unique_name("gate"), "site": unique_name("site")},
+        "camera": {
+            "source": "dir:unused",
+            "fps": 50.0,
+            "capture_timeout_s": 0.5,
+            "black_frames": 0,
+            "frozen_frames": 0,
+        },
+        "decoder": {"engines": ["zxing"], "isolate": False},
+        "gpio": {"pin_factory": "mock", "relay_pulse_s": 0.2},
+        "mqtt": {"host": broker.host, "port": broker.port, "keepalive_s": 5},
+        "storage": {"dir": str(tmp_path / "state")},
+        "daemon": {"drain_timeout_s": 0.5},
+        "commands": {"operator_keys_file": str(write_operator_keys(tmp_path / "ops.json"))},
+    }
+    return config_mod.from_table(merged(table, sections))
+
+
+@contextlib.contextmanager
+def running(cfg: config_mod.Config, factory: MockFactory, source: HeldSource) -> Iterator[App]:
+    app = App(cfg, pin_factory=factory, source=source)
+    stop = threading.Event()
+    thread = threading.Thread(target=app.run, args=(stop,), name="test-app", daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: app._publisher is not None, 10)
+        assert app._publisher.wait_subscribed(10)
+        yield app
+    finally:
+        stop.set()
+        thread.join(20)
+    assert not thread.is_alive()
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+class MonitorProcess:
+    """`python -m scanner monitor --json ...`, its stdout lines on a queue."""
+
+    def __init__(self, config: Path, *args: str, stderr: Path) -> None:
+        self.lines: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        with stderr.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "scanner", "monitor", "--config", str(config), "--json", *args],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(json.loads(line))
+
+    def until(self, predicate: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Collect lines until ``predicate(lines so far)`` holds; fail after ``timeout``."""
+        seen: list[dict[str, Any]] = []
+        while not predicate(seen):
+            try:
+                obj = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"monitor printed nothing matching within {timeout} s: {seen}") from None
+            seen.append(obj)
+        return seen
+
+    def finish(self, timeout: float = 10.0) -> tuple[int, list[dict[str, Any]]]:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout)
+        rest = []
+        while not self.lines.empty():
+            rest.append(self.lines.get_nowait())
+        return code, rest
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
