@@ -1,5 +1,5 @@
 """What every MQTT client of this package shares: TLS and credentials, why a connect
-failed, and the collector's ``ack`` message.
+failed, the records paho's callbacks hand on, and the collector's ``ack`` message.
 
 The gate's publisher, the collector, ``monitor``, ``cmd send`` and ``selftest`` all connect
 with :func:`secure`, so no client can talk to a broker with less verification than another.
@@ -13,6 +13,8 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from paho.mqtt.reasoncodes import ReasonCode
 
 from scanner.config import Config
 
@@ -98,3 +100,28 @@ class Ack:
         ):
             raise ValueError("ranges is not a list of [a, b] with a <= b")
         return cls(upto, tuple((lo, hi) for lo, hi in ranges))
+
+
+# What paho's callbacks hand to the one thread that owns a client (the gate's publisher, the
+# collector's worker): paho holds its own lock while calling them, so they only enqueue these.
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRefused:
+    reason: ReasonCode
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFailed:
+    tls: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    reason: ReasonCode
+
+
+@dataclass(frozen=True, slots=True)
+class SubAck:
+    reasons: list[ReasonCode]

@@ -51,7 +51,7 @@ from scanner.config import NAME, Config, load_central
 from scanner.console import EXIT_USAGE, load_or_report, setup_logging, stop_on_signals
 from scanner.events import SCHEMA as CHECKIN_SCHEMA
 from scanner.events import schema_path
-from scanner.mqtt import Ack, connect_failure, secure
+from scanner.mqtt import Ack, ConnectFailed, ConnectRefused, Disconnected, SubAck, connect_failure, secure
 
 log = logging.getLogger(__name__)
 
@@ -337,32 +337,11 @@ class _Connected:
 
 
 @dataclass(frozen=True, slots=True)
-class _SubAck:
-    reasons: list[ReasonCode]
-
-
-@dataclass(frozen=True, slots=True)
-class _Disconnected:
-    reason: ReasonCode
-
-
-@dataclass(frozen=True, slots=True)
-class _ConnectRefused:
-    reason: ReasonCode
-
-
-@dataclass(frozen=True, slots=True)
-class _ConnectFailed:
-    tls: bool
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class _Stop:
     pass
 
 
-_Item = _Message | _Connected | _SubAck | _Disconnected | _ConnectRefused | _ConnectFailed | _Stop
+_Item = _Message | _Connected | SubAck | Disconnected | ConnectRefused | ConnectFailed | _Stop
 
 
 class Collector:
@@ -502,7 +481,7 @@ class Collector:
 
     def _cb_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
         if rc.is_failure:
-            self._queue.put(_ConnectRefused(rc))
+            self._queue.put(ConnectRefused(rc))
             return
         self._connected.set()
         self._gen += 1  # paho's thread only: tags the messages of this connection
@@ -510,16 +489,16 @@ class Collector:
 
     def _cb_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
 
-        self._queue.put(_ConnectFailed(*connect_failure()))
+        self._queue.put(ConnectFailed(*connect_failure()))
 
     def _cb_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
     ) -> None:
         self._connected.clear()
-        self._queue.put(_Disconnected(rc))
+        self._queue.put(Disconnected(rc))
 
     def _cb_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
-        self._queue.put(_SubAck(list(rcs)))
+        self._queue.put(SubAck(list(rcs)))
 
     def _cb_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self._queue.put(_Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._gen))
@@ -569,7 +548,7 @@ class Collector:
                         self._current_gen = gen
                         log.info("connected to %s (session present: %s)", self._where, session_present)
                         self._client.subscribe(self.subscription, qos=1)
-                    case _SubAck(reasons):
+                    case SubAck(reasons):
                         for rc in reasons:
                             if rc.is_failure:
                                 log.error("subscription %s refused: %s", self.subscription, rc)
@@ -577,13 +556,13 @@ class Collector:
                                 log.info("subscribed to %s", self.subscription)
                                 self._subscribed.set()
                         self._publish_status(force=True)
-                    case _Disconnected(reason):
+                    case Disconnected(reason):
                         self._subscribed.clear()
                         if not self._stop.is_set():
                             log.warning("disconnected from %s: %s", self._where, reason)
-                    case _ConnectRefused(reason):
+                    case ConnectRefused(reason):
                         log.error("broker %s refused the connection: %s", self._where, reason)
-                    case _ConnectFailed(tls, reason):
+                    case ConnectFailed(tls, reason):
                         # Once per outage; TLS does not heal by retrying: an error, not a network blip.
                         level = logging.DEBUG if fail_logged else logging.ERROR if tls else logging.WARNING
                         what = "TLS to %s failed" if tls else "cannot reach broker at %s"

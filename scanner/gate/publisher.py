@@ -50,7 +50,16 @@ from scanner import __version__
 from scanner.config import Config
 from scanner.gate.outbox import Outbox, OutboxError
 from scanner.gate.telemetry import ha_discovery
-from scanner.mqtt import TLS_ADVICE, Ack, connect_failure, secure
+from scanner.mqtt import (
+    TLS_ADVICE,
+    Ack,
+    ConnectFailed,
+    ConnectRefused,
+    Disconnected,
+    SubAck,
+    connect_failure,
+    secure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,30 +99,9 @@ class _Connected:
 
 
 @dataclass(frozen=True, slots=True)
-class _ConnectRefused:
-    reason: ReasonCode
-
-
-@dataclass(frozen=True, slots=True)
-class _ConnectFailed:
-    tls: bool
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Disconnected:
-    reason: ReasonCode
-
-
-@dataclass(frozen=True, slots=True)
 class _PubAck:
     mid: int
     reason: ReasonCode
-
-
-@dataclass(frozen=True, slots=True)
-class _SubAck:
-    reasons: list[ReasonCode]
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,11 +138,11 @@ class _Stop:
 
 _Item = (
     _Connected
-    | _ConnectRefused
-    | _ConnectFailed
-    | _Disconnected
+    | ConnectRefused
+    | ConnectFailed
+    | Disconnected
     | _PubAck
-    | _SubAck
+    | SubAck
     | _AckIn
     | _Wake
     | _StatusDue
@@ -345,7 +333,7 @@ class Publisher:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
     ) -> None:
         if reason_code.is_failure:
-            self._queue.put(_ConnectRefused(reason_code))
+            self._queue.put(ConnectRefused(reason_code))
             return
         self._connected.set()
         # MQTT v5 brokers may cap unacknowledged QoS 1 publishes (HiveMQ's default is 10);
@@ -354,14 +342,14 @@ class Publisher:
         self._queue.put(_Connected(bool(getattr(flags, "session_present", False)), receive_max))
 
     def _cb_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._queue.put(_ConnectFailed(*connect_failure()))
+        self._queue.put(ConnectFailed(*connect_failure()))
 
     def _cb_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
     ) -> None:
         self._connected.clear()
         self._subscribed.clear()
-        self._queue.put(_Disconnected(reason_code))
+        self._queue.put(Disconnected(reason_code))
 
     def _cb_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Any
@@ -371,7 +359,7 @@ class Publisher:
     def _cb_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Any
     ) -> None:
-        self._queue.put(_SubAck(list(reason_codes)))
+        self._queue.put(SubAck(list(reason_codes)))
 
     def _cb_ack(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._queue.put(_AckIn(bytes(message.payload)))
@@ -438,16 +426,16 @@ class Publisher:
             case _Connected(session_present, receive_max):
                 self._fail_logged = False
                 self._on_connect(session_present, receive_max)
-            case _Disconnected(reason):
+            case Disconnected(reason):
                 self._on_disconnect(reason)
-            case _ConnectRefused(reason):
+            case ConnectRefused(reason):
                 # paho retries with backoff; a refusal (bad password, banned id) needs a human.
                 detail = f"broker {self._where} refused the connection: {reason} ({reason.value:#x})"
                 log.error("%s", detail)
                 self._alarm("connect_refused", detail)
-            case _ConnectFailed(tls, why):
+            case ConnectFailed(tls, why):
                 self._on_connect_fail(tls, why)
-            case _SubAck(reasons):
+            case SubAck(reasons):
                 if not any(rc.is_failure for rc in reasons):
                     self._subscribed.set()
                 for rc in reasons:
