@@ -9,6 +9,7 @@ fields, so unknown keys, wrong types and out-of-range values are all reported to
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import tomllib
 import types
@@ -331,6 +332,8 @@ def load(path: str | Path, *, device_optional: bool = False) -> Config:
         raise ConfigError([f"{path}: not UTF-8 text: {exc}"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: TOML syntax: {exc}"]) from exc
+    except RecursionError:
+        raise ConfigError([f"{path}: TOML nested too deep"]) from None
     if device_optional:
         table.setdefault("device", dict(_CENTRAL_DEVICE))
     return from_table(table, path=path, digest=hashlib.sha256(raw).hexdigest())
@@ -472,6 +475,10 @@ def _convert(hint: Any, value: Any, key: str, meta: Any, problems: list[str], ba
             return bad(
                 f"expected {'an integer' if hint is int else 'a number'}, got {_tname(value)} {value!r}"
             )
+        if not math.isfinite(value):
+            # TOML has nan and inf; every comparison with nan is false, so a range check alone
+            # lets it through (anti_passback_s = nan would turn anti-passback off silently).
+            return bad(f"must be a finite number, got {value}")
         lo, hi = meta.get("min"), meta.get("max")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             return bad(f"{value} is out of range {lo}..{hi}")
@@ -488,8 +495,10 @@ def _convert(hint: Any, value: Any, key: str, meta: Any, problems: list[str], ba
         path = Path(value)
         if not path.is_absolute():
             path = base / path
-        if meta.get("must_exist") and not path.is_file():
-            return bad(f"file {str(path)!r} does not exist")
+        if meta.get("must_exist"):
+            why = _unreadable(path)
+            if why:
+                return bad(f"file {str(path)!r} {why}")
         return True, path
     if origin is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -502,6 +511,20 @@ def _convert(hint: Any, value: Any, key: str, meta: Any, problems: list[str], ba
             return bad("lists a value twice")
         return True, tuple(value)
     raise TypeError(f"config field {key} has unsupported type {hint!r}")  # a bug in this module
+
+
+def _unreadable(path: Path) -> str:
+    """Why the daemon could not read ``path`` ("" when it can): checked here, because the
+    daemon finding out at start is a gate that does not start."""
+    try:
+        with path.open("rb"):
+            return ""
+    except FileNotFoundError:
+        return "does not exist"
+    except IsADirectoryError:
+        return "is a directory, not a file"
+    except OSError as exc:  # EACCES on the file or a directory on its way, ELOOP, ...
+        return f"cannot be read: {exc.strerror or exc}"
 
 
 def _tname(value: Any) -> str:

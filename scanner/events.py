@@ -24,6 +24,7 @@ from scanner.models import CheckinEvent, Decision
 
 SCHEMA = "gate-scanner/checkin/1"
 KEY_BYTES = 32
+MIN_KEY_BYTES = 16  # HMAC-SHA256 under a shorter key could be searched for
 
 
 class Uuid7:
@@ -55,16 +56,21 @@ class Uuid7:
         return str(uuid.UUID(int=value))
 
 
+def read_key(path: Path) -> bytes:
+    """An existing pseudonym key; OSError when unreadable, ValueError when too short."""
+    key = path.read_bytes()
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"{path}: {len(key)} bytes; a pseudonym key needs at least {MIN_KEY_BYTES}")
+    return key
+
+
 def load_or_create_key(path: Path) -> bytes:
     """Read the pseudonym key, creating it (0600, in a 0700 directory) on first run."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        key = path.read_bytes()
-        if len(key) < 16:
-            raise ValueError(f"{path}: pseudonym key is {len(key)} bytes; need at least 16") from None
-        return key
+        return read_key(path)
     key = secrets.token_bytes(KEY_BYTES)
     try:
         os.write(fd, key)

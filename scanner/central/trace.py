@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from scanner import events
 from scanner.central.store import Store, StoreError, Visit, open_store
 from scanner.config import load_central
 from scanner.console import load_or_report
@@ -74,7 +75,7 @@ def parse_duration(text: str) -> timedelta:
 def read_key(path: Path) -> bytes:
     """The deployment's pseudonym key, never created here (see module doc)."""
     try:
-        key = path.read_bytes()
+        return events.read_key(path)
     except FileNotFoundError:
         raise TraceError(
             f"pseudonym key {path} does not exist: copy the deployment's subject.key here "
@@ -82,9 +83,8 @@ def read_key(path: Path) -> bytes:
         ) from None
     except OSError as exc:
         raise TraceError(f"cannot read pseudonym key {path}: {exc.strerror or exc}") from None
-    if len(key) < 16:
-        raise TraceError(f"{path}: pseudonym key is {len(key)} bytes; need at least 16")
-    return key
+    except ValueError as exc:
+        raise TraceError(str(exc)) from None
 
 
 def pseudonyms(key: bytes, identity: str, types: Iterable[str] = DEFAULT_TYPES) -> list[str]:

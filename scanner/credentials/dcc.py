@@ -359,6 +359,11 @@ class DccTrustList:
                 skipped.append(f"certificates[{i}]: {type(exc).__name__}: {exc}")
         for problem in skipped:
             log.warning("trust list entry skipped: %s", problem)
+        if not entries:
+            # Installing it would turn every DCC into unknown_issuer at once (a certificate in
+            # PEM where base64 DER belongs did exactly that): keep the list in use instead.
+            first = f"; first problem: {skipped[0]}" if skipped else ""
+            raise DccTrustError(f"no usable signing certificate among {len(skipped)} entries{first}")
         return cls.of(entries, version=str(document.get("version", "")), issued=issued, skipped=skipped)
 
     @classmethod

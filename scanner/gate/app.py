@@ -21,7 +21,7 @@ import numpy as np
 from scanner import __version__, events
 from scanner.config import Config
 from scanner.credentials.signed import TrustError
-from scanner.gate import commands, health, lists, telemetry
+from scanner.gate import commands, health, lists, preflight, telemetry
 from scanner.gate.camera import FrameSource, open_source
 from scanner.gate.camera.slot import LatestFrameSlot
 from scanner.gate.camera.watchdog import CameraSupervisor
@@ -208,12 +208,10 @@ class App:
 
     def _run_with(self, signals: Signals, outbox: Outbox, stop: threading.Event) -> int:
         config = self.config
-        pseudonymizer = events.Pseudonymizer(events.load_or_create_key(config.subject_key_path))
-        trust = lists.load(config)  # a broken list stops the start: deciding without it is unsafe
-        try:
-            operator_keys = commands.load_operator_keys(config.commands.operator_keys_file)
-        except TrustError as exc:
-            raise lists.ListError(f"commands.operator_keys_file: {exc}") from exc
+        ready = preflight.check(config, create_key=True)  # CannotStart: the gate stays shut
+        assert ready.subject_key is not None  # made when missing
+        pseudonymizer = events.Pseudonymizer(ready.subject_key)
+        trust, operator_keys = ready.trust, ready.operator_keys
         self._outbox = outbox
         publisher = Publisher(
             config,

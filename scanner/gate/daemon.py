@@ -13,7 +13,7 @@ from pathlib import Path
 
 from scanner.console import EXIT_RUNTIME, EXIT_USAGE, load_or_report, setup_logging, stop_on_signals
 from scanner.gate.app import App
-from scanner.gate.lists import ListError
+from scanner.gate.preflight import CannotStart
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, lambda _s, _f: app.request_reload())
     try:
         return app.run(stop)
-    except ListError as exc:
-        log.error("cannot start: %s", exc)
+    except CannotStart as exc:
+        for problem in exc.problems:
+            log.error("cannot start: %s", problem)
         return EXIT_RUNTIME
     except Exception:
         # App.run has already driven the relay off on its way out (context managers).

@@ -1,5 +1,7 @@
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,30 @@ def test_run_with_bad_config_exits_2_with_a_clear_message(tmp_path):
     result = run_cli("run", "--config", str(bad))
     assert result.returncode == 2
     assert "camera.fps: 0 is out of range" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_key_refuses_what_is_not_a_finite_number(tmp_path, value):
+    sections = typing.get_type_hints(config.Config)
+    floats = [
+        (name, key)
+        for name, section in sections.items()
+        if dataclasses.is_dataclass(section)
+        for key, hint in typing.get_type_hints(section).items()
+        if hint is float
+    ]
+    assert ("policy", "anti_passback_s") in floats and ("gpio", "relay_max_on_s") in floats
+    for section, key in floats:
+        found = problems(tmp_path, f"{MINIMAL}[{section}]\n{key} = {value}\n")
+        assert found == [
+            f"{tmp_path / 'gate.toml'}: {section}.{key}: must be a finite number, got {value}"
+        ], (
+            section,
+            key,
+            found,
+        )
+
+
+def test_toml_nested_past_the_stack_is_a_config_error_not_a_traceback(tmp_path):
+    deep = MINIMAL + "[policy]\naccept = " + "[" * 100_000 + "]" * 100_000 + "\n"
+    assert problems(tmp_path, deep) == [f"{tmp_path / 'gate.toml'}: TOML nested too deep"]

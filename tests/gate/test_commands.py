@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
@@ -17,7 +18,9 @@ from typing import Any
 
 import jsonschema
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding
 from gpiozero.pins.mock import MockFactory
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -43,6 +46,7 @@ from tests.helpers import (
     gate_config,
     make_gate,
     running,
+    self_signed,
     write_operator_keys,
 )
 from tests.mqtt_helpers import Subscriber, wait_until
@@ -355,6 +359,26 @@ def test_write_lists_validates_everything_before_replacing_anything(tmp_path):
     ]
     assert allow.read_text() == "NEW-A\n" and deny.read_text() == "NEW-D\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["allow.txt", "deny.txt"]  # no temp files left
+
+
+def test_a_dcc_trust_list_with_no_usable_certificate_is_refused_and_the_old_one_kept(tmp_path):
+    cert, _key = self_signed(tmp_path, "dsc")
+    der = base64.b64encode(x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(Encoding.DER))
+    trust = tmp_path / "dcc-trust.json"
+    old = json.dumps({"version": "1", "certificates": [{"certificate": der.decode(), "country": "VN"}]})
+    trust.write_text(old)
+    cfg = config_mod.from_table(
+        {"device": {"id": "gate-u", "site": "site-u"}, "policy": {"dcc_trust_file": str(trust)}}
+    )
+    pem_instead_of_der = {
+        "version": "2",
+        "certificates": [{"certificate": cert.read_text(), "country": "VN"}],
+    }
+    with pytest.raises(Refused) as refusal:
+        commands.write_lists(cfg, {"dcc_trust": pem_instead_of_der})
+    assert refusal.value.reason == "malformed"
+    assert "no usable signing certificate" in refusal.value.detail
+    assert trust.read_text() == old
 
 
 @pytest.mark.parametrize("writer", [_full_after(4096), _full_after(0), _claims_all])
