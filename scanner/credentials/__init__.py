@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from scanner.credentials import cccd, dcc, plain, signed
+from scanner.credentials.text import trim
 from scanner.models import Credential, CredentialType, Reason
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,7 @@ class CredentialReader:
         self._parsers = tuple(parsers)
 
     def parse(self, payload: bytes, now: datetime) -> Credential:
-        # Generators and apps add a byte-order mark or a line ending around the text; neither
-        # is part of any format (a trailing space can be: it is a Base45 character).
-        payload = payload.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n\x00")
+        payload = trim(payload)
         for parser in self._parsers:
             try:
                 credential = parser(payload, now)

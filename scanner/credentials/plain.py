@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from scanner.credentials.text import invisible
 from scanner.models import Credential, CredentialType, Reason
 
 MAX_BYTES = 256  # badge and ticket codes are short; longer text is not a plain code
@@ -23,6 +24,12 @@ def parse(payload: bytes) -> Credential | None:
     if not text.strip() or not _PRINTABLE.fullmatch(text):
         return Credential(
             CredentialType.UNKNOWN, b"", problem=Reason.UNKNOWN_FORMAT, detail="empty or control characters"
+        )
+    if any(invisible(c) and c != " " for c in text):
+        # "EMP-\u200b0666" looks like a deny-listed badge and matches no list entry: the only
+        # use of a zero-width character inside a code is to slip past a list.
+        return Credential(
+            CredentialType.PLAIN, b"", problem=Reason.MALFORMED, detail="invisible characters in a plain code"
         )
     if len(payload) > MAX_BYTES:
         return Credential(

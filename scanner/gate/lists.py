@@ -60,23 +60,33 @@ def id_key(raw: bytes) -> bytes:
     return raw.strip().upper().removeprefix(b"URN:UVCI:")
 
 
+# "cccd:079190001234", "plain:EMP-0001": an entry that names the one type it stands for.
+_TYPED = re.compile(rb"(signed|dcc|cccd|plain):(.+)")
+
+
 @dataclass(frozen=True, slots=True)
 class TextList:
     entries: frozenset[bytes]
     info: ListInfo
-    raw: frozenset[bytes] = field(init=False)  # compared with a credential's identity
+    raw: frozenset[bytes] = field(init=False)  # untyped, compared with a credential's identity
+    typed: frozenset[tuple[str, bytes]] = field(init=False)  # (type, identity)
     pseudonyms: frozenset[bytes] = field(init=False)  # lower-case hex, compared with its subject
     ids: frozenset[bytes] = field(init=False)  # id_key() of each entry, for revocation
 
     def __post_init__(self) -> None:
         pseudonyms = {e for e in self.entries if _PSEUDONYM.fullmatch(e)}
-        object.__setattr__(self, "raw", self.entries - pseudonyms)
+        typed = {(m.group(1).decode(), m.group(2)) for e in self.entries if (m := _TYPED.fullmatch(e))}
+        object.__setattr__(self, "typed", frozenset(typed))
+        object.__setattr__(self, "raw", self.entries - pseudonyms - {f"{t}:".encode() + i for t, i in typed})
         object.__setattr__(self, "pseudonyms", frozenset(e.lower() for e in pseudonyms))
         object.__setattr__(self, "ids", frozenset(id_key(e) for e in self.entries))
 
-    def matches(self, identity: bytes, subject: str | None) -> bool:
-        """Is this credential listed, by its raw identity or by its pseudonym?"""
-        return identity in self.raw or (subject is not None and subject.lower().encode() in self.pseudonyms)
+    def matches(self, kind: str, identity: bytes, subject: str | None, *, untyped: bool = True) -> bool:
+        """Is this credential listed: by its pseudonym, by ``kind:identity``, or (when
+        ``untyped``) by its bare identity?"""
+        if subject is not None and subject.lower().encode() in self.pseudonyms:
+            return True
+        return (kind, identity) in self.typed or (untyped and identity in self.raw)
 
 
 def read_text_list(name: str, path: Path) -> TextList:

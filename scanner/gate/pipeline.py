@@ -122,7 +122,7 @@ class Gate:
         self._on_committed = on_committed
         self._clock_synced = clock_synced
         self._ids = events.Uuid7()
-        self._last_accept: dict[tuple[str, bytes], float] = {}
+        self._last_accept: dict[bytes, float] = {}
         self.reasons: Counter[str] = Counter()
         # Telemetry, read by the telemetry thread: plain counters and a bounded ring (one
         # append per frame), so measuring costs the pipeline nothing it would notice.
@@ -154,7 +154,9 @@ class Gate:
         scanned_at = self._clock.now()
         credential = reader.parse(payload, scanned_at)
         subject = self._pseudonymizer.subject(str(credential.type), credential.identity)
-        passback_key = (str(credential.type), credential.credential_id or credential.identity)
+        # Anti-passback keys on who, not on which code: a card's QR and its number typed as a
+        # plain code, or two passes of one subject, are the same person twice.
+        passback_key = credential.identity
         now_mono = self._clock.monotonic()
         last = self._last_accept.get(passback_key) if credential.identity else None
         decision = policy.decide(
@@ -262,7 +264,7 @@ class Gate:
             show_fault(self._signals, self._alarms)
         return seq
 
-    def _remember_accept(self, key: tuple[str, bytes], now_mono: float) -> None:
+    def _remember_accept(self, key: bytes, now_mono: float) -> None:
         window = self._rules.anti_passback_s
         if window <= 0:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -10,6 +11,7 @@ from scanner.gate.lists import TrustData, id_key
 from scanner.models import Credential, CredentialType, Decision, Reason
 
 STALE_FLAG = "stale_trust_data"
+_CARD_NUMBER = re.compile(rb"[0-9]{12}")  # the shape of a CCCD number
 
 # Which lists a decision about each credential type depends on: only those can make it stale.
 _LISTS_FOR: dict[CredentialType, frozenset[str]] = {
@@ -65,12 +67,18 @@ def decide(
     if credential.type not in rules.accept:
         return reject(Reason.TYPE_NOT_ACCEPTED, f"{credential.type} is not accepted here")
     # Deny beats everything else: a banned badge must not pass because it is also allowed.
-    if trust.deny is not None and trust.deny.matches(credential.identity, subject):
+    kind = str(credential.type)
+    if trust.deny is not None and trust.deny.matches(kind, credential.identity, subject):
         return reject(Reason.DENYLISTED)
     revoked = trust.revoked
     if revoked is not None and credential.credential_id and id_key(credential.credential_id) in revoked.ids:
         return reject(Reason.REVOKED)
-    if trust.allow is not None and not trust.allow.matches(credential.identity, subject):
+    # A plain code proves nothing: one that spells an ID-card number is somebody who knows
+    # the number, not the card. It matches an allow entry only where the entry says "plain:".
+    untyped = not (credential.type is CredentialType.PLAIN and _CARD_NUMBER.fullmatch(credential.identity))
+    if trust.allow is not None and not trust.allow.matches(
+        kind, credential.identity, subject, untyped=untyped
+    ):
         return reject(Reason.NOT_ALLOWLISTED)
     if credential.valid_from is not None and now < credential.valid_from:
         return reject(Reason.NOT_YET_VALID)

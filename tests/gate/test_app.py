@@ -260,6 +260,11 @@ def test_anti_passback_rejects_a_second_accept_of_the_same_credential(tmp_path):
             assert gate._scan(b"EMP-0001").decision.accepted
             assert gate._scan(b"EMP-0001").decision.reason == Reason.ANTI_PASSBACK
             assert gate._scan(b"EMP-0002").decision.accepted
+            # One person, two encodings: the ID card's QR, then its number as a plain code.
+            card = "079190001234|123456789|Nguyễn Văn A|01011990|Nam|Hà Nội|01012021".encode()
+            assert gate._scan(card).decision.accepted
+            assert gate._scan(b"079190001234").decision.reason == Reason.ANTI_PASSBACK
+            assert gate._scan(b" " + card).decision.reason == Reason.ANTI_PASSBACK
     finally:
         outbox.close()
         factory.close()

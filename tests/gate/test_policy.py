@@ -3,8 +3,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from scanner import credentials
+from scanner.credentials.signed import PassIssuer, TrustedKey, TrustStore
 from scanner.gate import lists, policy
 from scanner.gate.lists import ListInfo, TextList, TrustData
 from scanner.models import Credential, CredentialType, Reason
@@ -168,3 +170,79 @@ def test_list_files_carry_version_and_issue_time(tmp_path):
 
 def test_identity_is_not_in_repr():
     assert "EMP-0001" not in repr(credentials.parse(b"EMP-0001"))
+
+
+# --- what surrounds a code, what hides in one, and which list entries stand for whom --------
+
+ISSUER_KEY = Ed25519PrivateKey.generate()
+ISSUER_KID = bytes.fromhex("0badc0de")
+PASS_TRUST = TrustStore.of([TrustedKey(ISSUER_KID, ISSUER_KEY.public_key(), "t")], version=1, issued=NOW)
+CARD = "079190001234|123456789|Nguyễn Văn A|01011990|Nam|Hà Nội|01012021"
+# What apps, generators and phone keyboards put before or after a code's text.
+EDGES = [" ", "\t", "\u00a0", "\u3000", "\u200b", "\ufeff", "\u2060", "\u3164", "\r\n"]
+
+
+def with_pass_trust(payload: bytes, *, rules=RULES, trust: TrustData | None = None):
+    trust = trust or TrustData()
+    reader = credentials.reader_for(pass_trust=PASS_TRUST)
+    return policy.decide(
+        reader.parse(payload, NOW),
+        subject=None,
+        rules=rules,
+        trust=TrustData(allow=trust.allow, deny=trust.deny, revoked=trust.revoked, pass_trust=PASS_TRUST),
+        now=NOW,
+    )
+
+
+@pytest.mark.parametrize("edge", EDGES)
+def test_nothing_around_a_code_changes_what_it_is(edge):
+    issuer = PassIssuer(ISSUER_KEY, ISSUER_KID)
+    expired = issuer.issue(b"EMP-0042", NOW - timedelta(days=2), NOW - timedelta(days=1))
+    valid = issuer.issue(b"EMP-0042", NOW - timedelta(days=1), NOW + timedelta(days=1))
+    plain_only = policy.Rules(accept=frozenset({CredentialType.PLAIN}), site="s1")
+    for before, after in ((edge, ""), ("", edge), (edge, edge)):
+
+        def around(text: str, before: str = before, after: str = after) -> bytes:
+            return f"{before}{text}{after}".encode()
+
+        # An expired pass stays an expired pass: it never falls through to "plain" and "ok".
+        assert with_pass_trust(around(expired)).reason == Reason.EXPIRED, repr(edge)
+        assert with_pass_trust(around(valid)).reason == Reason.OK, repr(edge)
+        # A card stays a card: at a gate for plain codes only it is not accepted.
+        assert with_pass_trust(around(CARD), rules=plain_only).reason == Reason.TYPE_NOT_ACCEPTED
+        assert with_pass_trust(around("HC1:NCFOXN%TS3DH")).reason == Reason.MALFORMED
+        # A deny-listed badge stays deny-listed.
+        deny = TrustData(deny=text_list("denylist", b"EMP-0666"))
+        assert with_pass_trust(around("EMP-0666"), trust=deny).reason == Reason.DENYLISTED, repr(edge)
+
+
+@pytest.mark.parametrize("hidden", ["\u200b", "\u200d", "\u2060", "\ufeff", "\u00ad", "\u3164", "\u00a0"])
+def test_a_plain_code_with_a_hidden_character_inside_is_refused(hidden):
+    deny = TrustData(deny=text_list("denylist", b"EMP-0666"))
+    decision = decide(f"EMP-{hidden}0666".encode(), trust=deny)
+    assert decision.reason == Reason.MALFORMED and not decision.accepted
+    assert decide(b"EMP 0666").reason == Reason.OK  # a plain ASCII space is part of many codes
+
+
+def test_a_plain_code_spelling_a_card_number_is_not_the_card():
+    number = b"079190001234"
+    allow = TrustData(allow=text_list("allowlist", number))
+    assert decide(CARD.encode(), trust=allow).reason == Reason.OK  # the card itself
+    assert decide(number, trust=allow).reason == Reason.NOT_ALLOWLISTED  # someone who knows the number
+    # A venue whose own tickets are 12-digit numbers says so in the entry.
+    typed = TrustData(allow=text_list("allowlist", b"plain:" + number))
+    assert decide(number, trust=typed).reason == Reason.OK
+    assert decide(CARD.encode(), trust=typed).reason == Reason.NOT_ALLOWLISTED
+    assert decide(CARD.encode(), trust=TrustData(allow=text_list("allowlist", b"cccd:" + number))).reason == (
+        Reason.OK
+    )
+    # Deny entries match the number whatever encodes it: refusing more is the safe side.
+    deny = TrustData(deny=text_list("denylist", number))
+    assert decide(number, trust=deny).reason == Reason.DENYLISTED
+    assert decide(CARD.encode(), trust=deny).reason == Reason.DENYLISTED
+    # Untyped badge entries still serve badges and the passes issued for them.
+    badges = TrustData(allow=text_list("allowlist", b"EMP-0042"))
+    issuer = PassIssuer(ISSUER_KEY, ISSUER_KID)
+    assert decide(b"EMP-0042", trust=badges).reason == Reason.OK
+    pass_text = issuer.issue(b"EMP-0042", NOW - timedelta(days=1), NOW + timedelta(days=1)).encode()
+    assert with_pass_trust(pass_text, trust=badges).reason == Reason.OK
