@@ -20,7 +20,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from scanner.models import CheckinEvent, Decision
+from scanner.models import CheckinEvent, CredentialType, Decision
 
 SCHEMA = "gate-scanner/checkin/1"
 KEY_BYTES = 32
@@ -129,6 +129,10 @@ def build_event(
     subject: str | None,
 ) -> CheckinEvent:
     credential = decision.credential
+    # A health certificate's validity end comes from its health content (a test's sample time
+    # plus 72 h, a recovery's end date): published with a trackable pseudonym it would say who
+    # tested when, or who had COVID. Policy still judges it; no record carries it.
+    shown_until = None if credential.type is CredentialType.DCC else credential.valid_until
     return CheckinEvent(
         event_id=event_id,
         seq=seq,
@@ -142,7 +146,7 @@ def build_event(
         credential_type=str(credential.type),
         subject=subject,
         issuer=credential.issuer,
-        valid_until=utc_ms(credential.valid_until) if credential.valid_until else None,
+        valid_until=utc_ms(shown_until) if shown_until else None,
         flags=decision.flags,
     )
 

@@ -26,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scanner import events
 from scanner.credentials import base45, dcc
 from scanner.credentials.dcc import (
     ES256,
@@ -36,7 +37,7 @@ from scanner.credentials.dcc import (
     DccTrustList,
     DccVerifier,
 )
-from scanner.models import CredentialType, Reason
+from scanner.models import CredentialType, Decision, Reason
 from tests.helpers import REPO
 
 TESTDATA = REPO.parent / "shared" / "data" / "dcc-testdata"
@@ -342,6 +343,31 @@ def test_rules(
 def test_rules_shorten_valid_until_to_the_test_window(es_issuer: Issuer) -> None:
     cred = DccVerifier(trust_of(es_issuer), DccRules()).parse(build(es_issuer, body=hcert("t")), NOW)
     assert cred is not None and cred.valid_until == datetime(2022, 3, 4, 8, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("kind", ["v", "t", "r"])
+def test_no_event_says_when_someone_was_tested_or_ill(es_issuer: Issuer, kind: str) -> None:
+    cred = DccVerifier(trust_of(es_issuer), DccRules()).parse(build(es_issuer, body=hcert(kind)), NOW)
+    assert cred is not None and cred.problem is None and cred.valid_until is not None  # policy judges it
+    decision = Decision(True, Reason.OK, cred)
+    event = events.build_event(
+        decision,
+        seq=1,
+        event_id=events.Uuid7().new(),
+        device="g",
+        site="s",
+        direction="in",
+        scanned_at=NOW,
+        clock_synced=True,
+        subject="ab" * 16,
+    )
+    document = json.loads(events.to_json(event))
+    assert "valid_until" not in document["credential"]
+    # Nothing derived from the certificate's dates, in any form, anywhere in the record.
+    text = events.to_json(event).decode()
+    assert (
+        "2022-03-04" not in text and "2022-02" not in text and cred.valid_until.isoformat()[:10] not in text
+    )
 
 
 def test_certificate_with_two_kinds_is_malformed_under_rules(es_issuer: Issuer) -> None:
