@@ -40,11 +40,10 @@ _MAX_CONSECUTIVE_ERRORS = 50
 # fault pattern), and before it gives up and exits so that systemd restarts it whole.
 DECODER_ALARM_AFTER = 10
 DECODER_GIVE_UP_AFTER = 100
-# Operator commands waiting for the pipeline thread, and how many it takes per loop turn: a
-# flood on cmd/ (anyone the broker lets publish there) costs dropped commands, never memory
-# or frames.
+# Operator commands waiting for the commands thread, by count and by bytes: a flood on cmd/
+# (anyone the broker lets publish there) costs dropped commands, never memory or frames.
 _COMMAND_QUEUE = 64
-_COMMANDS_PER_TURN = 8
+_COMMAND_QUEUE_BYTES = 2 * commands.MAX_PAYLOAD
 
 
 class App:
@@ -74,6 +73,8 @@ class App:
         self._sampler = sampler or telemetry.Sampler(config)
         # Commands from paho's thread, drained on the pipeline thread (never run in the callback).
         self._commands: queue.Queue[Inbound] = queue.Queue(maxsize=_COMMAND_QUEUE)
+        self._commands_bytes = 0  # payload bytes waiting in _commands (under _commands_lock)
+        self._commands_lock = threading.Lock()
         self._commands_dropped = 0
         self._handler: commands.CommandHandler | None = None
         self._verifier: commands.Verifier | None = None
@@ -270,12 +271,17 @@ class App:
             target=self._telemetry, args=(publisher, capture_stop), name="telemetry", daemon=True
         )
         telemetry_thread.start()
+        commands_thread = threading.Thread(
+            target=self._serve_commands, args=(capture_stop,), name="commands", daemon=True
+        )
+        commands_thread.start()
         try:
             finished = self._pipeline(gate, slot, signals, stop)
         finally:
             signals.relay_off()  # first: what follows may take seconds (joins, camera close)
             capture_stop.set()
             telemetry_thread.join(timeout=2)
+            commands_thread.join(timeout=2)
             self._notifier.stopping()
             supervisor.join(config.camera.capture_timeout_s + 1)
             source.close()
@@ -310,7 +316,6 @@ class App:
         ready = False
         while not stop.is_set():
             self._last_tick = time.monotonic()
-            self._run_commands()
             frame = slot.get(timeout=0.25, after_seq=last_seq)
             if frame is None:
                 if slot.closed:
@@ -367,23 +372,35 @@ class App:
 
     def _enqueue_command(self, inbound: Inbound) -> None:
         """Publisher's on_command (paho's thread): enqueue or drop, never block."""
-        try:
-            self._commands.put_nowait(inbound)
-        except queue.Full:
-            self._commands_dropped += 1
-            if self._commands_dropped in (1, 10, 100) or self._commands_dropped % 1000 == 0:
-                log.warning("command queue full: %d commands dropped unanswered", self._commands_dropped)
+        size = len(inbound.payload)
+        with self._commands_lock:
+            room = self._commands_bytes + size <= _COMMAND_QUEUE_BYTES
+            if room:
+                try:
+                    self._commands.put_nowait(inbound)
+                    self._commands_bytes += size
+                except queue.Full:
+                    room = False
+            if not room:
+                self._commands_dropped += 1
+                dropped = self._commands_dropped
+        if not room and (dropped in (1, 10, 100) or dropped % 1000 == 0):
+            log.warning("command queue full: %d commands dropped unanswered", dropped)
 
-    def _run_commands(self) -> None:
-        """Operator commands waiting from the broker (pipeline thread; disk work goes to a worker)."""
-        handler = self._handler
-        if handler is None:
-            return
-        for _ in range(_COMMANDS_PER_TURN):
+    def _serve_commands(self, stop: threading.Event) -> None:
+        """Operator commands, one at a time, on their own thread: parsing and verifying a
+        command (up to a 4 MiB lists payload) never costs the pipeline a frame. ``open``
+        commits and pulses through the Gate like a scan; list writes go to a worker."""
+        while not stop.is_set():
             try:
-                inbound = self._commands.get_nowait()
+                inbound = self._commands.get(timeout=0.25)
             except queue.Empty:
-                return
+                continue
+            with self._commands_lock:
+                self._commands_bytes -= len(inbound.payload)
+            handler = self._handler
+            if handler is None:
+                continue
             try:
                 handler.handle(inbound)
             except Exception:

@@ -75,6 +75,13 @@ _NONCE = re.compile(r"[0-9a-f]{16,64}")
 _ENVELOPE_KEYS = {"schema", "name", "device", "ts", "nonce", "args", "kid", "sig"}
 _START_GRACE = timedelta(seconds=2)
 MAX_PAYLOAD = 4 * 1024 * 1024  # lists of a large site fit; anything bigger is refused unread
+# Every command but ``lists`` is an envelope of a few hundred bytes: refusing a bigger one
+# before parsing keeps a flood of 4 MiB "open" messages from costing anything but their size.
+MAX_SMALL_PAYLOAD = 16 * 1024
+
+
+def payload_limit(name: str) -> int:
+    return MAX_PAYLOAD if name == "lists" else MAX_SMALL_PAYLOAD
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,12 +271,15 @@ def parse_time(value: Any) -> datetime:
 
 def load_document(inbound: Inbound) -> dict[str, Any]:
     """The payload as a JSON object (an empty payload is an empty object)."""
-    if len(inbound.payload) > MAX_PAYLOAD:
-        raise Refused("malformed", f"payload over {MAX_PAYLOAD} bytes")
+    limit = payload_limit(inbound.name)
+    if len(inbound.payload) > limit:
+        raise Refused("malformed", f"payload over {limit} bytes")
     try:
         document = json.loads(inbound.payload.decode("utf-8")) if inbound.payload.strip() else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise Refused("malformed", f"not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise Refused("malformed", "JSON nested too deep") from None
     if not isinstance(document, dict):
         raise Refused("malformed", "expected a JSON object")
     return document
@@ -328,8 +338,16 @@ class Verifier:
         if inbound.name not in KNOWN:
             known = ", ".join(sorted(KNOWN))
             raise Refused("unknown_command", f"no command {inbound.name!r}; known: {known}")
+        # What can be refused without reading the payload is refused first: its size, and a
+        # gate that takes no signed commands at all.
+        signed = inbound.name in SIGNED
+        keys = self._keys
+        if signed and keys is None:
+            raise Refused("not_configured", "commands.operator_keys_file is not set: signed commands are off")
+        if signed and not self._v5:
+            raise Refused("not_configured", 'signed commands need mqtt.protocol = "5" (3.1.1 hides retain)')
         document = load_document(inbound)
-        if inbound.name not in SIGNED:
+        if not signed:
             # Read-only: no signature needed, and an empty payload will do.
             if not document:
                 return Envelope(inbound.name, "", now, "", {}, None)
@@ -337,10 +355,6 @@ class Verifier:
         if "sig" not in document or "kid" not in document:
             raise Refused("unsigned", f"{inbound.name} must be signed by an operator key")
         envelope = parse(inbound, document)
-        if self._keys is None:
-            raise Refused("not_configured", "commands.operator_keys_file is not set: signed commands are off")
-        if not self._v5:
-            raise Refused("not_configured", 'signed commands need mqtt.protocol = "5" (3.1.1 hides retain)')
         try:
             kid = bytes.fromhex(envelope.kid or "")
             signature = base64.b64decode(document["sig"], validate=True)
@@ -348,7 +362,8 @@ class Verifier:
             raise Refused("malformed", "kid must be hex and sig base64") from None
         if len(kid) != KID_BYTES:
             raise Refused("malformed", f"kid must be {KID_BYTES} bytes")
-        trusted = self._keys.key(kid)
+        assert keys is not None  # signed, so checked above
+        trusted = keys.key(kid)
         if trusted is None:
             raise Refused("unknown_key", f"kid {kid.hex()} is not an operator key of this gate")
         try:

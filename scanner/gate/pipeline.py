@@ -123,6 +123,9 @@ class Gate:
         self._clock_synced = clock_synced
         self._ids = events.Uuid7()
         self._last_accept: dict[bytes, float] = {}
+        # Scans (pipeline thread) and remote opens (commands thread) decide and commit one at a
+        # time: each sees the other's anti-passback record and counters.
+        self._lock = threading.Lock()
         self.reasons: Counter[str] = Counter()
         # Telemetry, read by the telemetry thread: plain counters and a bounded ring (one
         # append per frame), so measuring costs the pipeline nothing it would notice.
@@ -150,6 +153,10 @@ class Gate:
         return [self._scan(payload) for payload in fresh]
 
     def _scan(self, payload: bytes) -> Outcome:
+        with self._lock:
+            return self._scan_locked(payload)
+
+    def _scan_locked(self, payload: bytes) -> Outcome:
         trust, reader = self._state
         scanned_at = self._clock.now()
         credential = reader.parse(payload, scanned_at)
@@ -217,6 +224,10 @@ class Gate:
         operator key id as issuer) is committed before the relay moves; if it cannot be
         committed the gate stays shut and shows its fault, exactly as for a scan.
         """
+        with self._lock:
+            return self._remote_open_locked(kid)
+
+    def _remote_open_locked(self, kid: str) -> tuple[bool, str]:
         opened_at = self._clock.now()
         synced = self._clock_synced()
         device = self._config.device

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -609,6 +610,46 @@ def test_selftest_needs_no_signature_and_replies_with_a_health_snapshot(refusing
     _topic, body = reply_to(sub, send(sub, cfg.topic("cmd/selftest"), b""))
     assert body["ok"] and body["reason"] == "ok"
     jsonschema.validate(body["result"], HEALTH_SCHEMA)
+
+
+def test_hostile_payloads_get_one_malformed_reply_each_and_run_off_the_pipeline_thread(
+    refusing_gate, monkeypatch
+):
+    _app, cfg, factory, sub = refusing_gate
+    threads: list[str] = []
+    real_verify = commands.Verifier.verify
+
+    def recording_verify(self, inbound, now):
+        threads.append(threading.current_thread().name)
+        return real_verify(self, inbound, now)
+
+    monkeypatch.setattr(commands.Verifier, "verify", recording_verify)
+    deep = b"[" * 8000 + b"]" * 8000  # under the size limit, past the JSON parser's stack
+    big = b'{"pad": "' + b"x" * (4 * 1024 * 1024 - 16) + b'"}'  # 4 MiB: a lists payload's size
+    for name, payload, detail in (
+        ("open", deep, "JSON nested too deep"),
+        ("selftest", deep, "JSON nested too deep"),
+        ("open", big, f"payload over {commands.MAX_SMALL_PAYLOAD} bytes"),
+        ("selftest", big, f"payload over {commands.MAX_SMALL_PAYLOAD} bytes"),
+    ):
+        _topic, body = reply_to(sub, send(sub, cfg.topic(f"cmd/{name}"), payload))
+        assert not body["ok"] and body["reason"] == "malformed" and detail in body["detail"], (name, body)
+    # Verified on the commands thread: parsing (up to a 4 MiB lists) never holds up a frame.
+    assert threads and set(threads) == {"commands"}
+    assert not any(relay_history(factory, cfg))
+
+
+def test_an_oversized_command_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    check = verifier(unit_config(tmp_path))
+
+    def no_parsing(*_args, **_kw):
+        raise AssertionError("parsed a payload its size had already refused")
+
+    monkeypatch.setattr(commands.json, "loads", no_parsing)
+    big = inbound(b"{" + b" " * commands.MAX_SMALL_PAYLOAD + b"}", name="open")
+    with pytest.raises(Refused) as refusal:
+        check.verify(big, NOW)
+    assert refusal.value.reason == "malformed"
 
 
 def test_lists_replaces_the_deny_list_and_the_next_scan_is_denylisted(broker, tmp_path, subscribe):
