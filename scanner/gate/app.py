@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +31,7 @@ from scanner.gate.outbox import Outbox, OutboxError
 from scanner.gate.pipeline import Alarms, Clock, Gate, SystemClock, show_fault
 from scanner.gate.publisher import Inbound, Publisher
 from scanner.gate.signals import Signals, make_pin_factory
+from scanner.gate.timefloor import FLOOR_FILE, FlooredClock
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,17 @@ class App:
         clock: Clock | None = None,
         notifier: health.SystemdNotifier | None = None,
         sampler: telemetry.Sampler | None = None,
+        clock_synced: Callable[[], bool] = health.clock_synced,
     ) -> None:
         self.config = config
+        self._clock_synced = clock_synced
         self._pin_factory = pin_factory
         self._source = source
-        self._clock = clock or SystemClock()
+        # Validity, event times and the day are judged on a clock that a Pi without an RTC,
+        # booted with its time set back, cannot wind back past what it has already seen.
+        self._clock = FlooredClock(
+            clock or SystemClock(), config.storage.dir / FLOOR_FILE, synced=clock_synced
+        )
         self._notifier = notifier or health.SystemdNotifier()
         self.alarms = Alarms()
         self.camera_state = "starting"
@@ -237,6 +245,7 @@ class App:
             alarms=self.alarms,
             trust=trust,
             on_committed=lambda: self._committed(publisher),
+            clock_synced=self._clock_synced,
         )
         self._verifier = commands.Verifier(config, operator_keys, started=self._clock.now())
         self._handler = commands.CommandHandler(
@@ -305,6 +314,7 @@ class App:
         stop.set()
         publisher.stop()
         watchdog.join(timeout=2)
+        self._clock.save()
         return exit_code
 
     def _pipeline(
@@ -415,6 +425,7 @@ class App:
         while not stop.wait(wait):
             wait = interval
             try:
+                self._clock.maybe_save()
                 self._check_outbox_fill()
                 body = json.dumps(self.health(), separators=(",", ":"), sort_keys=True)
                 publisher.publish_health(body.encode("utf-8"))
