@@ -42,6 +42,11 @@ def bench_frames(frames: int = 40, repeats: int = 5, isolate: bool = True) -> di
             sets = {
                 "empty": [synth.render_empty(rng, size) for _ in range(frames)],
                 "one_code": [synth.render_scene(f"GATE-{i:05d}", rng, size=size) for i in range(frames)],
+                # The worst frame for the fallback: dozens of candidates, none readable.
+                "unreadable_crowd": [
+                    synth.render_unreadable_crowd(rng, size, codes=30 * size[0] // 640)
+                    for _ in range(max(2, frames // 10))
+                ],
             }
             for kind, images in sets.items():
                 row: dict[str, Any] = {}

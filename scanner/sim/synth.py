@@ -680,3 +680,25 @@ def demo_frames(
         for _ in range(n_gap):
             write(_composite(background, None, None, look, rng, light))
     return paths
+
+
+def render_unreadable_crowd(
+    rng: np.random.Generator, size: tuple[int, int] = (640, 480), codes: int = 30
+) -> np.ndarray:
+    """A wall of stickers, none readable: small codes with a band of noise through their data.
+
+    Every finder pattern is intact, so the decoder sees dozens of candidates and can read
+    none; what this costs per frame is what a gate facing such a wall pays for every frame.
+    """
+    w, h = size
+    img = np.full((h, w), 200, np.uint8)
+    for i in range(codes):
+        matrix = np.pad(np.array(segno.make(f"STICKER-{i:04d}-{'x' * 40}", error="l").matrix, np.uint8), 2)
+        scale = int(rng.integers(2, 4))
+        tile = np.where(np.kron(matrix, np.ones((scale, scale))) > 0, 0, 255).astype(np.uint8)
+        th, tw = tile.shape
+        band = slice(th // 2 - 3 * scale, th // 2 + 3 * scale)
+        tile[band, 9 * scale : tw - 9 * scale] = rng.integers(0, 256, (6 * scale, tw - 18 * scale))
+        x0, y0 = int(rng.integers(0, w - tw)), int(rng.integers(0, h - th))
+        img[y0 : y0 + th, x0 : x0 + tw] = tile
+    return img

@@ -20,6 +20,7 @@ from scanner.bench.decode import matches
 from scanner.gate import decode as decode_mod
 from scanner.gate.decode import Decoder, describe_image
 from scanner.models import Symbol
+from scanner.sim import synth
 from tests.helpers import REPO
 
 CORPUS = REPO.parent / "shared" / "data" / "qr-photos"
@@ -489,3 +490,25 @@ def test_bench_decode_command_refuses_a_missing_corpus(tmp_path: Path) -> None:
     from scanner.cli import main
 
     assert main(["bench", "decode", "--corpus", str(tmp_path / "missing")]) == 2
+
+
+def test_a_crowd_of_unreadable_codes_gets_zbar_only_on_a_few_small_crops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A whole-frame zbar pass over a wall of damaged stickers cost 230 ms at 640x480 here and
+    # blew the isolated decoder's 1 s deadline on a Pi: a respawn every frame.
+    image = synth.render_unreadable_crowd(np.random.default_rng(3), (640, 480), codes=30)
+    seen: list[tuple[int, int]] = []
+    real_zbar = decode_mod._zbar
+
+    def recording_zbar(region: np.ndarray) -> list[Symbol]:
+        seen.append(region.shape)
+        return real_zbar(region)
+
+    monkeypatch.setattr(decode_mod, "_zbar", recording_zbar)
+    monkeypatch.setattr(decode_mod, "RESCUE_BUDGET_S", 60.0)  # the count and size bound, not the clock
+    assert Decoder().decode(image) == []
+    # A few crops around the largest plausible candidates, never the whole crowd at once
+    # (the figures per frame: `gate-scanner bench frames`, kind unreadable_crowd).
+    assert 0 < len(seen) <= decode_mod.MAX_RESCUE_CANDIDATES
+    assert all(h * w <= image.size / 2 for h, w in seen), seen
