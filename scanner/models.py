@@ -24,15 +24,22 @@ class Frame:
 
 @dataclass(frozen=True, slots=True)
 class Symbol:
-    """One decoded QR code. ``payload`` is authoritative: engines disagree on text decoding."""
+    """One decoded QR code. ``payload`` is authoritative for credentials: the bytes decide.
+
+    ``text`` is the engine's own reading of those bytes for people (``gate-scanner decode``):
+    zxing-cpp follows the code's ECI or guesses its character set (Latin-1, Shift_JIS, …),
+    where decoding the bytes as UTF-8 would print mojibake. Without one, it is the bytes as
+    UTF-8 with replacement characters.
+    """
 
     payload: bytes
     engine: str  # "zxing" | "zbar"
     polygon: tuple[tuple[int, int], ...]  # four corners in image pixels
+    text: str = ""
 
-    @property
-    def text(self) -> str:
-        return self.payload.decode("utf-8", errors="replace")
+    def __post_init__(self) -> None:
+        if not self.text:
+            object.__setattr__(self, "text", self.payload.decode("utf-8", errors="replace"))
 
 
 class CredentialType(StrEnum):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -294,7 +295,7 @@ def _zxing(image: np.ndarray, **options: Any) -> tuple[list[Symbol], list[Polygo
             payload = bytes(result.bytes)
             if payload not in seen:
                 seen.add(payload)
-                symbols.append(Symbol(payload=payload, engine="zxing", polygon=polygon))
+                symbols.append(Symbol(payload=payload, engine="zxing", polygon=polygon, text=result.text))
         elif result.format not in (zxingcpp.BarcodeFormat.MicroQRCode, zxingcpp.BarcodeFormat.RMQRCode):
             # zxing-cpp 3's QRCode family includes Micro QR and rMQR, which zbar cannot read:
             # failed candidates of those kinds would only cost useless fallback passes.
@@ -364,7 +365,7 @@ def _scaled(polygon: Polygon, k: float, dx: int, dy: int) -> Polygon:
 
 
 def _moved(symbol: Symbol, k: float, dx: int, dy: int) -> Symbol:
-    return Symbol(payload=symbol.payload, engine=symbol.engine, polygon=_scaled(symbol.polygon, k, dx, dy))
+    return dataclasses.replace(symbol, polygon=_scaled(symbol.polygon, k, dx, dy))
 
 
 def _zbar(image: np.ndarray) -> list[Symbol]:

@@ -512,3 +512,19 @@ def test_a_crowd_of_unreadable_codes_gets_zbar_only_on_a_few_small_crops(
     # (the figures per frame: `gate-scanner bench frames`, kind unreadable_crowd).
     assert 0 < len(seen) <= decode_mod.MAX_RESCUE_CANDIDATES
     assert all(h * w <= image.size / 2 for h, w in seen), seen
+
+
+@pytest.mark.parametrize(
+    ("encoding", "text"), [("iso-8859-1", "Café crème"), ("shift_jis", "日本語のテキスト")]
+)
+def test_decode_prints_the_engines_reading_of_a_code_that_is_not_utf8(
+    tmp_path: Path, encoding: str, text: str
+) -> None:
+    # No ECI: QR's own default (Latin-1) and Kanji text, as phones and old generators write them.
+    code = segno.make(text, encoding=encoding, eci=False, micro=False)
+    path = tmp_path / "code.png"
+    code.save(str(path), scale=6, border=4)
+    line = describe_image(path, Decoder(("zxing",)))
+    assert [s["text"] for s in line["symbols"]] == [text]
+    # The bytes stay what the code holds: credentials are judged on them, not on a reading.
+    assert base64.b64decode(line["symbols"][0]["bytes_b64"]) == text.encode(encoding)
