@@ -48,7 +48,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from scanner import __version__
 from scanner.central.store import RejectedEvent, Store, StoredEvent, StoreError, open_store
 from scanner.config import NAME, Config, load_central
-from scanner.console import EXIT_USAGE, load_or_report, setup_logging, stop_on_signals
+from scanner.console import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, load_or_report, setup_logging, stop_on_signals
 from scanner.events import SCHEMA as CHECKIN_SCHEMA
 from scanner.events import schema_path
 from scanner.mqtt import Ack, connect_failure, secure
@@ -386,7 +386,7 @@ class Collector:
         self._prefix = config.mqtt.topic_prefix
         self._where = f"{config.mqtt.host}:{config.mqtt.port}"
         self.subscription = f"$share/{SHARE_GROUP}/{self._prefix}/+/+/checkin"
-        self._t_status = f"{self._prefix}/collector/{self.name}/status"
+        self._t_status = status_topic(config)
 
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -421,7 +421,7 @@ class Collector:
         factory = factory or mqtt.Client
         client = factory(
             CallbackAPIVersion.VERSION2,
-            client_id=f"gate-scanner-collector-{self.name}",
+            client_id=client_id(self.name),
             protocol=mqtt.MQTTv5,
             manual_ack=True,  # PUBACK to the broker only after our commit (see module doc)
         )
@@ -808,6 +808,14 @@ class Collector:
             log.info("gap closed: %s/%s contiguous again", *key)
 
 
+def client_id(name: str) -> str:
+    return f"gate-scanner-collector-{name}"
+
+
+def status_topic(config: Config) -> str:
+    return f"{config.mqtt.topic_prefix}/collector/{config.collector.name}/status"
+
+
 def run(config: Config, stop: threading.Event) -> int:
     """`gate-scanner collect`: run until ``stop`` is set; 0 on a clean stop, 1 on failure."""
 
@@ -828,8 +836,61 @@ def run(config: Config, stop: threading.Event) -> int:
     return 0
 
 
+def retire(config: Config, *, timeout: float = 10.0) -> str | None:
+    """End this collector's broker session for good; None when done, else why not.
+
+    A persistent session outlives its collector, and the broker goes on handing it its turn
+    of the collectors' shared subscription: a collector that is gone for good (retired,
+    moved, its certificate replaced) would take its share of every gate's check-ins into a
+    queue nobody reads until the session expires. Connecting once with its identity and a
+    clean start ends that session and its membership at once; the empty retained message
+    clears its last status. Run it before revoking the collector's certificate.
+    """
+    done = threading.Event()
+    outcome: dict[str, str] = {}
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id(config.collector.name), protocol=mqtt.MQTTv5
+    )
+    secure(client, config)
+
+    def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        if rc.is_failure:
+            outcome["error"] = f"broker refused the connection: {rc}"
+            done.set()
+        else:
+            c.publish(status_topic(config), b"", qos=1, retain=True)
+
+    def on_publish(_c: mqtt.Client, _u: Any, _mid: int, rc: ReasonCode, _p: Any) -> None:
+        if rc.is_failure:
+            outcome["error"] = f"session ended, but clearing the status was refused: {rc}"
+        done.set()
+
+    def on_connect_fail(_c: mqtt.Client, _u: Any) -> None:
+        outcome["error"] = f"cannot connect: {connect_failure()[1]}"
+        done.set()
+
+    client.on_connect, client.on_publish, client.on_connect_fail = on_connect, on_publish, on_connect_fail
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0  # and none left behind by this connection either
+    m = config.mqtt
+    client.connect_async(m.host, m.port, m.keepalive_s, clean_start=True, properties=props)
+    client.loop_start()
+    try:
+        if not done.wait(timeout):
+            return f"no answer from {m.host}:{m.port} within {timeout:.0f} s"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return outcome.get("error")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="reads [mqtt] and [collector]")
+    parser.add_argument(
+        "--retire",
+        action="store_true",
+        help="end this collector's broker session for good (its turn of the check-ins goes to the others)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -837,4 +898,11 @@ def main(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     setup_logging(config.daemon.log_level)
+    if args.retire:
+        problem = retire(config)
+        if problem is not None:
+            log.error("collector %s not retired: %s", config.collector.name, problem)
+            return EXIT_RUNTIME
+        log.info("collector %s retired: its session and status are gone", config.collector.name)
+        return EXIT_OK
     return run(config, stop_on_signals())
