@@ -41,7 +41,7 @@ from scanner.fleet import pki
 from scanner.gate.outbox import Outbox
 from scanner.gate.publisher import Inbound, Publisher
 from scanner.sim.localbroker import LocalBroker
-from tests.helpers import REPO
+from tests.helpers import REPO, seed_devices
 from tests.mqtt_helpers import wait_until
 
 SHIPPED_CONF = REPO / "deploy" / "mosquitto" / "gate-scanner.conf"
@@ -795,3 +795,28 @@ def test_a_stale_collector_session_delays_but_loses_nothing_and_retire_ends_it(
         assert retire(collector_config(fresh, certs, tmp_path, "collector-2")) is None
         drain_gate(fresh, certs, tmp_path, "gate-02", 20)
         assert stored(collector, 40) == 40, f"lost {40 - collector.stats()['stored']} of gate-02's 20"
+
+
+def test_a_fleet_too_big_for_one_status_packet_still_gets_its_checkins_stored(
+    fresh: DeployedBroker, certs: Path, tmp_path: Path, clients: list[TlsClient]
+) -> None:
+    """50,000 devices in the store: listed whole, the status would pass the shipped 4 MiB limit.
+
+    mosquitto then disconnected the collector on every status publish (the first right after
+    each SUBACK), and since the status is rebuilt from the store, a restart did not help.
+    """
+    store = open_store(collector_config(fresh, certs, tmp_path).collector.store)
+    seed_devices(store, 50_000, name_len=24)
+    store.close()
+    operator = TlsClient(fresh, certs, "operator/operator", "gate/collector/+/status")
+    clients.append(operator)
+    with collecting(fresh, certs, tmp_path) as collector:
+        drain_gate(fresh, certs, tmp_path, "gate-02", 20)
+        assert stored(collector, 20) == 20, f"lost {20 - collector.stats()['stored']} of 20"
+        topic = "gate/collector/collector/status"
+        assert wait_until(
+            lambda: [json.loads(p)["devices_total"] for p in operator.on(topic)][-1:] == [50_001], 10
+        )
+        status = json.loads(operator.on(topic)[-1])
+    assert 0 < len(status["devices"]) < 50_001
+    assert fresh.log_tail(500).count("as collector (") == 1  # connected once, never thrown off
