@@ -258,6 +258,7 @@ class MonitorProcess:
 
     def __init__(self, config: Path, *args: str, stderr: Path) -> None:
         self.lines: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.raw: list[str] = []  # every stdout line as printed
         with stderr.open("wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "scanner", "monitor", "--config", str(config), "--json", *args],
@@ -272,6 +273,7 @@ class MonitorProcess:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            self.raw.append(line)
             self.lines.put(json.loads(line))
 
     def until(self, predicate: Any, timeout: float = 10.0) -> list[dict[str, Any]]:

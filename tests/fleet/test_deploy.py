@@ -666,6 +666,12 @@ def test_monitor_with_the_operator_certificate(
         # "watching" comes after the SUBACK: the broker routes this to the monitor.
         assert gate.publish(f"gate/{site}/gate-01/availability", b"online") == 0
         mon.until(lambda lines: any(o.get("availability") == "online" for o in lines))
+        # A second tool under the same certificate takes the session (the client id is the CN):
+        # the monitor says why, and is back once that tool is gone.
+        TlsClient(central, certs, "operator/operator").close()
+        err = tmp_path / "err"
+        assert wait_until(lambda: "monitor: disconnected from" in err.read_text(), 10), err.read_text()
+        assert wait_until(lambda: err.read_text().count("monitor: watching") == 2, 10), err.read_text()
         body = {"decision": "accepted", "reason": "ok", "credential": {"type": "plain", "subject": "ab" * 16}}
         assert gate.publish(f"gate/{site}/gate-01/checkin", json.dumps(body)) == 0
         code, rest = mon.finish()
