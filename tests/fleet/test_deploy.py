@@ -735,7 +735,7 @@ def gate_publishing(
     fill_outbox(workdir / "outbox.db", n, device=device, site=SITE)
     outbox = Outbox(workdir / "outbox.db", max_events=100)
     # ack_timeout_s: how soon a gate in delivery = "collector" resends what no collector acked.
-    pub = Publisher(from_table(table), outbox, status=lambda: {}, ack_timeout_s=1.0).start()
+    pub = Publisher(from_table(table), outbox, status=lambda: {}, ack_timeout_s=0.5).start()
     try:
         assert pub.wait_connected(10), broker.log_tail()
         yield pub, outbox
