@@ -51,12 +51,11 @@ from scanner.config import NAME, Config, load_central
 from scanner.console import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, load_or_report, setup_logging, stop_on_signals
 from scanner.events import SCHEMA as CHECKIN_SCHEMA
 from scanner.events import schema_path
-from scanner.mqtt import Ack, connect_failure, secure
+from scanner.mqtt import SHARE_GROUP, Ack, connect_failure, secure
 
 log = logging.getLogger(__name__)
 
 STATUS_SCHEMA = "gate-scanner/collector-status/1"
-SHARE_GROUP = "collectors"
 BATCH_MAX = (
     500  # events per commit (a full batch only while behind; 500 measured ~2x faster than 200 on PostgreSQL)
 )

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from scanner.central.collector import SHARE_GROUP
+from scanner.mqtt import SHARE_GROUP
 
 COLLECTOR_ROLE = "gate-scanner-collector"
 OPERATOR_ROLE = "gate-scanner-operator"

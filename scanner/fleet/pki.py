@@ -44,7 +44,7 @@ from scanner.config import NAME
 from scanner.fleet import dynsec
 
 # Same rule as device.id in the config: a safe topic segment, and never '+', '#' or '/',
-# which would turn the ACL's %u pattern into a wildcard.
+# which would turn a topic in the broker's rules into a wildcard.
 CLIENT_ROLES = ("device", "operator", "collector")
 # The shipped broker rules give these user names fleet-wide rights: a gate must never be one.
 RESERVED_IDS = frozenset({"operator", "collector"})
@@ -299,7 +299,7 @@ def issue_client(
             raise PkiError(f"--site {site!r}: reserved for the collectors' status topics")
     elif role == "device" and renew and (root / role / f"{name}.crt").is_file():
         site = site_of(x509.load_pem_x509_certificate((root / role / f"{name}.crt").read_bytes()))
-    # The CN is the whole identity: the same name in two roles would share its ACL rights.
+    # The CN is the whole identity: the same name in two roles would share its broker rights.
     for other in CLIENT_ROLES:
         if other != role and (root / other / f"{name}.crt").exists():
             raise PkiError(f"--id {name!r} is already issued as a {other}; identities must be unique")
