@@ -405,6 +405,10 @@ def test_gate_cannot_speak_for_another_gate(
     assert gate.publish(f"gate/{SITE}/gate-02/availability", b"offline") == NOT_AUTHORIZED
     assert gate.publish(f"gate/{SITE}/gate-01/cmd/open", b"{}") == NOT_AUTHORIZED  # no self-command
     assert gate.publish(f"gate/{SITE}/gate-01/ack", b"{}") == NOT_AUTHORIZED  # no self-ack
+    assert gate.publish(f"gate/{SITE}/gate-02/cmd/open", b"{}") == NOT_AUTHORIZED
+    assert gate.publish(f"gate/{SITE}/gate-02/cmd/open/reply", b"{}") == NOT_AUTHORIZED
+    assert gate.publish(f"gate/{SITE}/gate-02/ack", b"{}") == NOT_AUTHORIZED
+    assert gate.publish("gate/collector/collector/status", b"{}") == NOT_AUTHORIZED
     assert gate.publish(f"gate/{SITE}/gate-01/checkin", b'{"seq": 1}') == 0
     assert operator.wait_for(f"gate/{SITE}/gate-01/checkin") == [b'{"seq": 1}']
     assert operator.on(f"gate/{SITE}/gate-02/#") == []
