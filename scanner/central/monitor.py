@@ -224,7 +224,9 @@ class Monitor:
         if not retained:
             row.last_seen = now_ms()
         line = None
-        if leaf == "availability":
+        if not payload and leaf != "availability":
+            marks: set[str] = set()  # a retained message being cleared: nothing to show, nothing wrong
+        elif leaf == "availability":
             text = payload[:TEXT_MAX].decode("utf-8", "replace").strip()
             row.availability, bad = _text(text or None, 16)
             marks = {"availability"} if bad or len(payload) > TEXT_MAX else set()

@@ -333,6 +333,13 @@ def test_hostile_checkin_is_shown_and_marked(payload: bytes, invalid: set[str]) 
         assert line is not None and set(line.invalid) == invalid
 
 
+def test_a_cleared_retained_message_is_not_marked() -> None:
+    mon = Monitor("gate")
+    mon.handle("gate/s1/g1/health", b"[[[", True)
+    row, line = mon.handle("gate/s1/g1/health", b"", True)
+    assert row is not None and line is None and row.invalid == []
+
+
 def test_hostile_availability_and_topic_segments_are_shown_safely() -> None:
     mon = Monitor("gate")
     row, _ = mon.handle("gate/s1/g1/availability", ESCAPES.encode(), True)
