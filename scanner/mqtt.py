@@ -22,6 +22,9 @@ if TYPE_CHECKING:  # the type only: this module makes no client, callers bring t
     import paho.mqtt.client as mqtt
 
 ACK_SCHEMA = "gate-scanner/ack/1"
+# The collectors' shared-subscription group: `collect` joins it, and the broker's rules
+# (`pki dynsec`) let collector identities, and nobody else, join it.
+SHARE_GROUP = "collectors"
 ACK_MAX_BYTES = 64 * 1024  # 32 ranges of two 19-digit seqs fit a hundred times over
 TLS_ADVICE = "check the clock, ca_file and the device certificate"
 

@@ -32,6 +32,7 @@ from gpiozero.pins.mock import MockFactory
 
 from scanner import config as config_mod
 from scanner import events
+from scanner.central.store import Store, StoredEvent
 from scanner.credentials.signed import TrustedKey, TrustStore
 from scanner.fleet.passes import default_kid
 from scanner.gate.app import App
@@ -222,6 +223,38 @@ def running(cfg: config_mod.Config, factory: MockFactory, source: HeldSource) ->
     assert not thread.is_alive()
 
 
+# --- a collector's store with a fleet in it -----------------------------------------------------
+
+
+def seed_devices(store: Store, n: int, *, gaps_every: int = 0, name_len: int = 10) -> None:
+    """One check-in (seq 1) from each of ``n`` devices at as many sites, straight into ``store``;
+    every ``gaps_every``-th device also has seq 3 and so misses seq 2. Names are ``name_len``
+    characters, so a test can make each device's line in the collector's status as long as
+    it needs."""
+    ids = events.Uuid7()
+    rows = []
+    for i in range(n):
+        site, device = f"s{i:0{name_len - 1}d}", f"g{i:0{name_len - 1}d}"
+        for seq in (1, 3) if gaps_every and i % gaps_every == 0 else (1,):
+            rows.append(
+                StoredEvent(
+                    event_id=ids.new(),
+                    device=device,
+                    site=site,
+                    direction="in",
+                    seq=seq,
+                    ts="2026-11-29T08:00:00.000Z",
+                    subject=None,
+                    decision="accepted",
+                    reason="ok",
+                    credential_type="plain",
+                    raw="{}",
+                )
+            )
+    for start in range(0, len(rows), 10_000):
+        store.insert_batch(rows[start : start + 10_000])
+
+
 # --- processes --------------------------------------------------------------------------------
 
 
@@ -230,6 +263,7 @@ class MonitorProcess:
 
     def __init__(self, config: Path, *args: str, stderr: Path) -> None:
         self.lines: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.raw: list[str] = []  # every stdout line as printed
         with stderr.open("wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "scanner", "monitor", "--config", str(config), "--json", *args],
@@ -244,6 +278,7 @@ class MonitorProcess:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            self.raw.append(line)
             self.lines.put(json.loads(line))
 
     def until(self, predicate: Any, timeout: float = 10.0) -> list[dict[str, Any]]:

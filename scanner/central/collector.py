@@ -48,15 +48,23 @@ from paho.mqtt.reasoncodes import ReasonCode
 from scanner import __version__
 from scanner.central.store import RejectedEvent, Store, StoredEvent, StoreError, open_store
 from scanner.config import NAME, Config, load_central
-from scanner.console import EXIT_USAGE, load_or_report, setup_logging, stop_on_signals
+from scanner.console import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, load_or_report, setup_logging, stop_on_signals
 from scanner.events import SCHEMA as CHECKIN_SCHEMA
 from scanner.events import schema_path
-from scanner.mqtt import Ack, ConnectFailed, ConnectRefused, Disconnected, SubAck, connect_failure, secure
+from scanner.mqtt import (
+    SHARE_GROUP,
+    Ack,
+    ConnectFailed,
+    ConnectRefused,
+    Disconnected,
+    SubAck,
+    connect_failure,
+    secure,
+)
 
 log = logging.getLogger(__name__)
 
 STATUS_SCHEMA = "gate-scanner/collector-status/1"
-SHARE_GROUP = "collectors"
 BATCH_MAX = (
     500  # events per commit (a full batch only while behind; 500 measured ~2x faster than 200 on PostgreSQL)
 )
@@ -65,6 +73,12 @@ LINGER_S = 0.002  # an empty queue for this long ends the batch early: commit wh
 ACK_RANGES_MAX = 32  # ranges per ack message above ``upto``; more runs go out in further acks
 REFRESH_SPAN = 20_000  # seqs above a device's contiguous one re-read from the store per commit
 STATUS_EVERY_S = 2.0
+# The retained status goes to every operator's monitor every STATUS_EVERY_S: a bound keeps it
+# cheap there, and under the broker's Maximum Packet Size (a bigger publish makes mosquitto
+# disconnect us: no acks, nothing stored). ~2,700 devices fit; those with gaps come first.
+STATUS_MAX_BYTES = 256 * 1024
+# PUBLISH header, topic length, packet id and properties around the payload.
+PACKET_OVERHEAD = 64
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0
 RECEIVE_MAXIMUM = (
     65535  # MQTT maximum: the broker sends instead of queueing (its queue drops at max_queued_messages)
@@ -334,6 +348,7 @@ class _Message:
 class _Connected:
     session_present: bool
     gen: int
+    max_packet: int | None  # the broker's Maximum Packet Size from CONNACK, if it set one
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +380,7 @@ class Collector:
         self._prefix = config.mqtt.topic_prefix
         self._where = f"{config.mqtt.host}:{config.mqtt.port}"
         self.subscription = f"$share/{SHARE_GROUP}/{self._prefix}/+/+/checkin"
-        self._t_status = f"{self._prefix}/collector/{self.name}/status"
+        self._t_status = status_topic(config)
 
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -379,6 +394,8 @@ class Collector:
         self._current_gen = 0
         self._devices: dict[tuple[str, str], DeviceSeqs] = {}
         self._last_status = 0.0
+        self._status_limit = STATUS_MAX_BYTES  # payload bytes; lowered by the broker's limit
+        self._status_unfit_logged = False
         self._logged_holes: dict[tuple[str, str], tuple[tuple[int, int], ...]] = {}
         self._seen_holes: dict[tuple[str, str], tuple[tuple[int, int], ...]] = {}
         self._started = time.time()
@@ -400,7 +417,7 @@ class Collector:
         factory = factory or mqtt.Client
         client = factory(
             CallbackAPIVersion.VERSION2,
-            client_id=f"gate-scanner-collector-{self.name}",
+            client_id=client_id(self.name),
             protocol=mqtt.MQTTv5,
             manual_ack=True,  # PUBACK to the broker only after our commit (see module doc)
         )
@@ -485,7 +502,14 @@ class Collector:
             return
         self._connected.set()
         self._gen += 1  # paho's thread only: tags the messages of this connection
-        self._queue.put(_Connected(bool(getattr(flags, "session_present", False)), self._gen))
+        max_packet = getattr(props, "MaximumPacketSize", None)
+        self._queue.put(
+            _Connected(
+                bool(getattr(flags, "session_present", False)),
+                self._gen,
+                max_packet if isinstance(max_packet, int) else None,
+            )
+        )
 
     def _cb_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
 
@@ -539,13 +563,15 @@ class Collector:
                     except queue.Empty:
                         break
             messages: list[_Message] = []
+            status_due = False
             for item in items:
                 match item:
                     case _Message():
                         messages.append(item)
-                    case _Connected(session_present, gen):
+                    case _Connected(session_present, gen, max_packet):
                         fail_logged = False
                         self._current_gen = gen
+                        self._status_limit = status_limit(max_packet, self._t_status)
                         log.info("connected to %s (session present: %s)", self._where, session_present)
                         self._client.subscribe(self.subscription, qos=1)
                     case SubAck(reasons):
@@ -555,7 +581,7 @@ class Collector:
                             else:
                                 log.info("subscribed to %s", self.subscription)
                                 self._subscribed.set()
-                        self._publish_status(force=True)
+                        status_due = True
                     case Disconnected(reason):
                         self._subscribed.clear()
                         if not self._stop.is_set():
@@ -574,6 +600,10 @@ class Collector:
                 except Exception:
                     # Not acked: the broker redelivers after a reconnect, the gate resends.
                     log.exception("batch of %d messages failed; not acknowledged", len(messages))
+            # Only after the batch: the messages that came with a (re)subscription are stored
+            # and acknowledged first, whatever becomes of the status.
+            if status_due:
+                self._publish_status(force=True)
             self._maybe_status()
         if self._connected.is_set():
             self._publish_status(force=True, online=False)
@@ -746,7 +776,7 @@ class Collector:
         devices = []
         with self._lock:
             snapshot = {k: (s.contiguous, s.highest, s.missing, s.holes(8)) for k, s in self._devices.items()}
-        for (site, device), (contiguous, highest, missing, holes) in sorted(snapshot.items()):
+        for (site, device), (contiguous, highest, missing, holes) in snapshot.items():
             devices.append(
                 {
                     "site": site,
@@ -759,7 +789,7 @@ class Collector:
             )
             self._log_gap((site, device), tuple(holes), missing)
         stats = self.stats()
-        body = {
+        body: dict[str, Any] = {
             "schema": STATUS_SCHEMA,
             "name": self.name,
             "online": online,
@@ -769,10 +799,17 @@ class Collector:
             "duplicates": stats["duplicates"],
             "invalid": stats["invalid"],
             "rejected": stats["rejected"],
-            "devices": devices,
         }
+        payload = status_payload(body, devices, self._status_limit)
+        if payload is None:
+            if not self._status_unfit_logged:
+                log.error(
+                    "status does not fit in %d bytes even without devices: not published", self._status_limit
+                )
+                self._status_unfit_logged = True
+            return
         if self._connected.is_set() or force:
-            self._client.publish(self._t_status, json.dumps(body, separators=(",", ":")), qos=1, retain=True)
+            self._client.publish(self._t_status, payload, qos=1, retain=True)
 
     def _log_gap(self, key: tuple[str, str], holes: tuple[tuple[int, int], ...], missing: int) -> None:
         # A hole seen at two status ticks in a row is a gap worth a warning; a hole that a
@@ -785,6 +822,48 @@ class Collector:
         elif not holes and key in self._logged_holes:
             del self._logged_holes[key]
             log.info("gap closed: %s/%s contiguous again", *key)
+
+
+def client_id(name: str) -> str:
+    return f"gate-scanner-collector-{name}"
+
+
+def status_topic(config: Config) -> str:
+    return f"{config.mqtt.topic_prefix}/collector/{config.collector.name}/status"
+
+
+def status_limit(max_packet: int | None, topic: str) -> int:
+    """Payload bytes a status may take: our bound, or less when the broker allows less."""
+    if max_packet is None:
+        return STATUS_MAX_BYTES
+    return min(STATUS_MAX_BYTES, max_packet - len(topic.encode("utf-8")) - PACKET_OVERHEAD)
+
+
+def status_payload(body: dict[str, Any], devices: list[dict[str, Any]], limit: int) -> bytes | None:
+    """``body`` with as many ``devices`` as fit in ``limit`` bytes; None if not even the body fits.
+
+    Devices with missing events come first (most missing first), then the rest by site and
+    device: when a fleet outgrows the bound, the ones an operator must look at stay listed.
+    ``devices_total``, ``devices_with_gaps`` and ``missing_total`` always cover all of them.
+    """
+    devices = sorted(devices, key=lambda d: (-d["missing"], d["site"], d["device"]))
+    full = {
+        **body,
+        "devices_total": len(devices),
+        "devices_with_gaps": sum(1 for d in devices if d["missing"]),
+        "missing_total": sum(d["missing"] for d in devices),
+    }
+    # ASCII-only JSON (json's default), so characters are bytes; compact separators.
+    size = len(json.dumps({**full, "devices": []}, separators=(",", ":")))
+    if size > limit:
+        return None
+    fit = 0
+    for device in devices:
+        size += len(json.dumps(device, separators=(",", ":"))) + 1  # and its comma
+        if size > limit:
+            break
+        fit += 1
+    return json.dumps({**full, "devices": devices[:fit]}, separators=(",", ":")).encode("ascii")
 
 
 def run(config: Config, stop: threading.Event) -> int:
@@ -807,8 +886,61 @@ def run(config: Config, stop: threading.Event) -> int:
     return 0
 
 
+def retire(config: Config, *, timeout: float = 10.0) -> str | None:
+    """End this collector's broker session for good; None when done, else why not.
+
+    A persistent session outlives its collector, and the broker goes on handing it its turn
+    of the collectors' shared subscription: a collector that is gone for good (retired,
+    moved, its certificate replaced) would take its share of every gate's check-ins into a
+    queue nobody reads until the session expires. Connecting once with its identity and a
+    clean start ends that session and its membership at once; the empty retained message
+    clears its last status. Run it before revoking the collector's certificate.
+    """
+    done = threading.Event()
+    outcome: dict[str, str] = {}
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id(config.collector.name), protocol=mqtt.MQTTv5
+    )
+    secure(client, config)
+
+    def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        if rc.is_failure:
+            outcome["error"] = f"broker refused the connection: {rc}"
+            done.set()
+        else:
+            c.publish(status_topic(config), b"", qos=1, retain=True)
+
+    def on_publish(_c: mqtt.Client, _u: Any, _mid: int, rc: ReasonCode, _p: Any) -> None:
+        if rc.is_failure:
+            outcome["error"] = f"session ended, but clearing the status was refused: {rc}"
+        done.set()
+
+    def on_connect_fail(_c: mqtt.Client, _u: Any) -> None:
+        outcome["error"] = f"cannot connect: {connect_failure()[1]}"
+        done.set()
+
+    client.on_connect, client.on_publish, client.on_connect_fail = on_connect, on_publish, on_connect_fail
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0  # and none left behind by this connection either
+    m = config.mqtt
+    client.connect_async(m.host, m.port, m.keepalive_s, clean_start=True, properties=props)
+    client.loop_start()
+    try:
+        if not done.wait(timeout):
+            return f"no answer from {m.host}:{m.port} within {timeout:.0f} s"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return outcome.get("error")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="reads [mqtt] and [collector]")
+    parser.add_argument(
+        "--retire",
+        action="store_true",
+        help="end this collector's broker session for good (its turn of the check-ins goes to the others)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -816,4 +948,11 @@ def main(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     setup_logging(config.daemon.log_level)
+    if args.retire:
+        problem = retire(config)
+        if problem is not None:
+            log.error("collector %s not retired: %s", config.collector.name, problem)
+            return EXIT_RUNTIME
+        log.info("collector %s retired: its session and status are gone", config.collector.name)
+        return EXIT_OK
     return run(config, stop_on_signals())

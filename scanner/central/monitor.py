@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import queue
 import re
 import socket
@@ -35,6 +36,7 @@ from scanner.mqtt import connect_failure, secure
 
 LEAVES = ("availability", "status", "health", "checkin")
 REDRAW_S = 1.0
+SESSION_TAKEN_OVER = 0x8E  # MQTT v5 DISCONNECT reason
 STREAM_LINES = 15
 # `gate-scanner collect` publishes its own status under {prefix}/collector/{name}/: not a gate.
 COLLECTOR_SITE = "collector"
@@ -59,6 +61,9 @@ class GateRow:
     clock_synced: bool | None = None
     version: str | None = None
     alarms: list[str] = field(default_factory=list)
+    # Fields whose latest value could not be shown (NaN, out of range, wrong type, too long,
+    # control characters), and "health"/"status"/"checkin" for a message with nothing readable.
+    invalid: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,37 +76,126 @@ class CheckinLine:
     credential_type: str | None
     subject: str | None  # first 8 hex characters of the pseudonym
     seq: int | None
+    invalid: list[str] = field(default_factory=list)  # as GateRow.invalid, for this check-in
+
+
+# --- reading what a gate sent --------------------------------------------------------------------
+# A gate's payload is untrusted: a stolen or broken gate may send anything the broker lets
+# through. Every value is checked for what it claims to be before it is shown; one that is
+# not becomes None and its field is named in ``invalid``, so the operator sees that something
+# came and what, instead of nothing or a traceback.
+
+PAYLOAD_MAX = 256 * 1024  # bigger than any status, health or check-in a gate sends
+TEXT_MAX = 64  # a code, a version, an alarm name: anything longer is not one
+TS_MAX = 40
+ALARMS_MAX = 32
+FPS_MAX = 10_000.0
+COUNT_MAX = 2**63 - 1
+_DIGITS_MAX = 19  # int() of a 5,000-digit number raises, of a 400-digit one is no count either
+
+
+class _Unusable:
+    """What json gives for NaN, ±Infinity, 1e999 and integers past 19 digits: never shown."""
+
+    def __repr__(self) -> str:
+        return "<unusable>"
+
+
+UNUSABLE = _Unusable()
+
+
+def _int(text: str) -> int | _Unusable:
+    return int(text) if len(text.lstrip("-")) <= _DIGITS_MAX else UNUSABLE
+
+
+def _float(text: str) -> float | _Unusable:
+    value = float(text)
+    return value if math.isfinite(value) else UNUSABLE
 
 
 def _json(payload: bytes) -> dict[str, Any] | None:
+    """The payload's JSON object, or None when there is none to read (or it is absurdly big)."""
+    if len(payload) > PAYLOAD_MAX:
+        return None
     try:
-        value = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+        value = json.loads(payload, parse_int=_int, parse_float=_float, parse_constant=lambda _c: UNUSABLE)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     return value if isinstance(value, dict) else None
 
 
-def _first(d: dict[str, Any], *paths: str) -> Any:
-    """The first present value among dotted ``paths`` (``outbox.depth``), else None."""
-    for path in paths:
-        value: Any = d
-        for part in path.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if value is not None:
-            return value
-    return None
+# Each reader: (the value to show or None, whether a value was there but unusable).
+Read = tuple[Any, bool]
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+def _at(body: dict[str, Any], *path: str) -> Read:
+    value: Any = body
+    for key in path:
+        if value is None:
+            return None, False
+        if not isinstance(value, dict):
+            return None, True  # e.g. "outbox": [4]: there was something, not an object
+        value = value.get(key)
+    return value, False
 
 
-def _alarm_names(value: Any) -> list[str] | None:
+def _count(value: Any, low: int = 0) -> Read:
+    if value is None:
+        return None, False
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= COUNT_MAX:
+        return value, False
+    return None, True
+
+
+def _rate(value: Any) -> Read:
+    if value is None:
+        return None, False
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= FPS_MAX:
+        return float(value), False
+    return None, True
+
+
+def _flag(value: Any) -> Read:
+    return (value, False) if value is None or isinstance(value, bool) else (None, True)
+
+
+def _text(value: Any, limit: int = TEXT_MAX) -> Read:
+    """Short printable text: no terminal escapes, no bidi overrides, nothing to flood a cell."""
+    if value is None:
+        return None, False
+    if isinstance(value, str) and 0 < len(value) <= limit and value.isprintable():
+        return value, False
+    return None, True
+
+
+def _pseudonym(value: Any) -> Read:
+    """The first 8 hex digits of a subject pseudonym (all an operator needs to tell two apart)."""
+    if value is None:
+        return None, False
+    if isinstance(value, str) and 8 <= len(value) <= 64 and _HEX.fullmatch(value):
+        return value[:8], False
+    return None, True
+
+
+def _alarm_names(value: Any) -> Read:
+    if value is None:
+        return None, False
     if isinstance(value, dict):
-        return sorted(str(k) for k in value)
-    if isinstance(value, list):
-        return sorted(str(v.get("kind", v)) if isinstance(v, dict) else str(v) for v in value)
-    return None
+        raw = list(value)
+    elif isinstance(value, list):
+        raw = [v.get("kind") if isinstance(v, dict) else v for v in value]
+    else:
+        return None, True
+    names = [name for name in (_text(n)[0] for n in raw) if name is not None]
+    return sorted(set(names))[:ALARMS_MAX], len(names) != len(raw) or len(set(names)) > ALARMS_MAX
+
+
+def _label(segment: str) -> str:
+    """A topic segment as shown: as it is when it is a valid name, else escaped and cut short."""
+    if NAME.fullmatch(segment):
+        return segment
+    escaped = segment.encode("unicode_escape").decode("ascii")
+    return "!" + (escaped if len(escaped) <= TEXT_MAX else escaped[: TEXT_MAX - 1] + "~")
 
 
 class Monitor:
@@ -112,6 +206,8 @@ class Monitor:
         self.site = site
         self.gates: dict[tuple[str, str], GateRow] = {}
         self.stream: deque[CheckinLine] = deque(maxlen=STREAM_LINES)
+        # Per gate and leaf: the fields its latest message of that leaf could not fill.
+        self._marks: dict[tuple[str, str], dict[str, set[str]]] = {}
 
     def topics(self) -> list[str]:
         return [f"{self.prefix}/{self.site or '+'}/+/{leaf}" for leaf in LEAVES]
@@ -123,107 +219,165 @@ class Monitor:
         _, site, device, leaf = parts
         if site == COLLECTOR_SITE or (self.site is not None and site != self.site):
             return None, None
-        row = self.gates.setdefault((site, device), GateRow(site=site, device=device))
+        key = (site, device)
+        row = self.gates.setdefault(key, GateRow(site=_label(site), device=_label(device)))
         if not retained:
             row.last_seen = now_ms()
         line = None
-        if leaf == "availability":
-            row.availability = payload.decode("utf-8", "replace").strip()[:16] or None
+        if not payload and leaf != "availability":
+            marks: set[str] = set()  # a retained message being cleared: nothing to show, nothing wrong
+        elif leaf == "availability":
+            text = payload[:TEXT_MAX].decode("utf-8", "replace").strip()
+            row.availability, bad = _text(text or None, 16)
+            marks = {"availability"} if bad or len(payload) > TEXT_MAX else set()
         elif leaf == "status":
-            body = _json(payload) or {}
-            alarms = _alarm_names(body.get("alarms"))
-            if alarms is not None:
-                row.alarms = alarms
-            version = body.get("version")
-            row.version = str(version) if version is not None else row.version
+            marks = self._status(row, payload)
         elif leaf == "health":
-            # scanner/schemas/health-1.json; any field may be missing (older or newer gates).
-            body = _json(payload) or {}
-            row.fps = _number(body.get("fps"))
-            depth = _number(_first(body, "outbox.depth"))
-            row.outbox_depth = int(depth) if depth is not None else None
-            synced = body.get("clock_synced")
-            row.clock_synced = synced if isinstance(synced, bool) else row.clock_synced
-            if retained and row.last_seen is None and isinstance(body.get("ts"), str):
-                row.last_seen = body["ts"]  # the gate's own sample time: the best we know
-            alarms = _alarm_names(body.get("alarms"))
-            if alarms is not None:
-                row.alarms = alarms
+            marks = self._health(row, payload, retained)
         else:
-            line = self._checkin(row, payload)
-            if line is None:
-                return None, None
+            line, marks = self._checkin(row, payload)
+        self._marks.setdefault(key, {})[leaf] = marks
+        row.invalid = sorted(set().union(*self._marks[key].values()))
         return row, line
 
-    def _checkin(self, row: GateRow, payload: bytes) -> CheckinLine | None:
+    def _status(self, row: GateRow, payload: bytes) -> set[str]:
         body = _json(payload)
         if body is None:
-            return None
-        raw_credential = body.get("credential")
-        credential: dict[str, Any] = raw_credential if isinstance(raw_credential, dict) else {}
-        subject = credential.get("subject")
-        short = subject[:8] if isinstance(subject, str) and _HEX.fullmatch(subject[:8] or "x") else None
-        decision = body.get("decision") if isinstance(body.get("decision"), str) else None
-        reason = body.get("reason") if isinstance(body.get("reason"), str) else None
+            return {"status"}
+        marks = set()
+        alarms, bad = _alarm_names(body.get("alarms"))
+        if alarms is not None or bad:
+            row.alarms = alarms or []
+        if bad:
+            marks.add("alarms")
+        version = body.get("version")
+        if isinstance(version, int | float) and not isinstance(version, bool):
+            version = str(version)  # a finite number: UNUSABLE is neither
+        shown, bad = _text(version)
+        if shown is not None:
+            row.version = shown
+        if bad:
+            marks.add("version")
+        return marks
+
+    def _health(self, row: GateRow, payload: bytes, retained: bool) -> set[str]:
+        # scanner/schemas/health-1.json; any field may be missing (older or newer gates).
+        body = _json(payload)
+        if body is None:
+            return {"health"}  # the last readable figures stay, marked
+        marks = set()
+        row.fps, bad = _rate(body.get("fps"))
+        if bad:
+            marks.add("fps")
+        depth, bad = _at(body, "outbox", "depth")
+        row.outbox_depth, bad_depth = _count(depth)
+        if bad or bad_depth:
+            marks.add("outbox_depth")
+        synced, bad = _flag(body.get("clock_synced"))
+        if synced is not None:
+            row.clock_synced = synced
+        if bad:
+            marks.add("clock_synced")
+        ts, bad = _text(body.get("ts"), TS_MAX)
+        if bad:
+            marks.add("last_seen")
+        elif retained and row.last_seen is None and ts is not None:
+            row.last_seen = ts  # the gate's own sample time: the best we know
+        alarms, bad = _alarm_names(body.get("alarms"))
+        if alarms is not None or bad:
+            row.alarms = alarms or []
+        if bad:
+            marks.add("alarms")
+        return marks
+
+    def _checkin(self, row: GateRow, payload: bytes) -> tuple[CheckinLine | None, set[str]]:
+        body = _json(payload)
+        if body is None:
+            return None, {"checkin"}
+        invalid: set[str] = set()
+
+        def read(name: str, got: Read) -> Any:
+            if got[1]:
+                invalid.add(name)
+            return got[0]
+
+        decision = read("decision", _text(body.get("decision")))
+        reason = read("reason", _text(body.get("reason")))
+        ts = read("ts", _text(body.get("ts"), TS_MAX))
+        seq = read("seq", _count(body.get("seq"), low=1))
+        synced = read("clock_synced", _flag(body.get("clock_synced")))
+        ctype = read("credential_type", _at(body, "credential", "type"))
+        ctype = read("credential_type", _text(ctype, 32))
+        subject = read("subject", _at(body, "credential", "subject"))
+        subject = read("subject", _pseudonym(subject))
         if decision == "accepted":
             row.accepts += 1
         elif decision == "rejected":
             row.rejects += 1
         row.last_decision, row.last_reason = decision, reason
-        synced = body.get("clock_synced")
-        if isinstance(synced, bool):
+        if synced is not None:
             row.clock_synced = synced
-        seq = body.get("seq")
-        ctype = credential.get("type")
         line = CheckinLine(
-            ts=body.get("ts") if isinstance(body.get("ts"), str) else None,
+            ts=ts,
             site=row.site,
             device=row.device,
             decision=decision,
             reason=reason,
-            credential_type=ctype if isinstance(ctype, str) else None,
-            subject=short,
-            seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+            credential_type=ctype,
+            subject=subject,
+            seq=seq,
+            invalid=sorted(invalid),
         )
         self.stream.append(line)
-        return line
+        return line, set()
 
     # --- rendering ---------------------------------------------------------------------------
 
     def table(self) -> str:
         head: tuple[str, ...] = ("site", "device", "avail", "last seen", "last decision", "acc", "rej")
-        head += ("fps", "outbox", "clock", "alarms")
+        head += ("fps", "outbox", "clock", "alarms", "unreadable")
         rows: list[tuple[str, ...]] = [head]
         for (_site, _dev), g in sorted(self.gates.items()):
             decision = f"{g.last_decision or '-'}/{g.last_reason}" if g.last_reason else g.last_decision
+            bad = set(g.invalid)
+
+            def cell(name: str, shown: str, bad: set[str] = bad) -> str:
+                return "!" if name in bad else shown
+
+            alarms = ",".join(g.alarms) + (",!" if "alarms" in bad else "")
             rows.append(
                 (
                     g.site,
                     g.device,
-                    g.availability or "?",
-                    g.last_seen[11:19] if g.last_seen else "-",
+                    cell("availability", g.availability or "?"),
+                    cell("last_seen", g.last_seen[11:19] if g.last_seen else "-"),
                     decision or "-",
                     str(g.accepts),
                     str(g.rejects),
-                    f"{g.fps:.1f}" if g.fps is not None else "-",
-                    str(g.outbox_depth) if g.outbox_depth is not None else "-",
-                    {True: "sync", False: "NOSYNC", None: "?"}[g.clock_synced],
-                    ",".join(g.alarms) or "-",
+                    cell("fps", f"{g.fps:.1f}" if g.fps is not None else "-"),
+                    cell("outbox_depth", str(g.outbox_depth) if g.outbox_depth is not None else "-"),
+                    cell("clock_synced", {True: "sync", False: "NOSYNC", None: "?"}[g.clock_synced]),
+                    alarms.lstrip(",") or "-",
+                    ",".join(g.invalid) or "-",
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         out.insert(1, "  ".join("-" * w for w in widths))
         out.append("")
-        out.append("last check-ins, newest last (acc/rej: counted since the monitor started):")
+        out.append("last check-ins, newest last (acc/rej: since the monitor started; !: unreadable):")
         out.extend(text_checkin(line) for line in self.stream)
         return "\n".join(out)
 
 
 def text_checkin(c: CheckinLine) -> str:
+    def shown(name: str, value: str | None, missing: str) -> str:
+        return "!" if name in c.invalid else value or missing
+
     return (
-        f"{c.ts or '-'}  {c.site}/{c.device}  {c.decision or '?'}  {c.reason or '?'}  "
-        f"{c.credential_type or '?'}  {c.subject or '-'}"
+        f"{shown('ts', c.ts, '-')}  {c.site}/{c.device}  {shown('decision', c.decision, '?')}  "
+        f"{shown('reason', c.reason, '?')}  {shown('credential_type', c.credential_type, '?')}  "
+        f"{shown('subject', c.subject, '-')}"
     )
 
 
@@ -233,6 +387,7 @@ def text_gate(g: GateRow) -> str:
         f"outbox={g.outbox_depth if g.outbox_depth is not None else '-'} "
         f"clock={'?' if g.clock_synced is None else ('sync' if g.clock_synced else 'NOSYNC')} "
         f"acc={g.accepts} rej={g.rejects} alarms={','.join(g.alarms) or '-'}"
+        + (f" unreadable={','.join(g.invalid)}" if g.invalid else "")
     )
 
 
@@ -279,6 +434,9 @@ def run(
     def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         inbox.put(("msg", (msg.topic, bytes(msg.payload), bool(msg.retain))))
 
+    def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        inbox.put(("disconnected", rc))
+
     def on_connect_fail(_c: mqtt.Client, _u: Any) -> None:
         inbox.put(("connect_fail", connect_failure()))
 
@@ -286,6 +444,7 @@ def run(
     client.on_subscribe = on_subscribe
     client.on_message = on_message
     client.on_connect_fail = on_connect_fail
+    client.on_disconnect = on_disconnect
     client.connect_async(config.mqtt.host, config.mqtt.port, config.mqtt.keepalive_s)
     client.loop_start()
 
@@ -314,6 +473,14 @@ def run(
                 what = "TLS failed" if tls else "cannot reach broker"
                 print(f"monitor: {what} at {where}: {reason}; retrying", file=err)
                 fail_said = True
+            elif kind == "disconnected":
+                # With the shipped broker the certificate's CN is the client id: a second tool
+                # under the same certificate (a `cmd send`, another monitor) throws this one off
+                # (mosquitto 2.0 says so only by closing; newer brokers send 0x8E).
+                hint = ""
+                if getattr(value, "value", None) == SESSION_TAKEN_OVER:
+                    hint = " (another client uses this certificate: one per tool running at once)"
+                print(f"monitor: disconnected from {where}: {value}{hint}; reconnecting", file=err)
             elif kind == "connected":
                 fail_said = False
                 print(f"monitor: connected to {where}", file=err)
@@ -324,15 +491,24 @@ def run(
                 else:  # only from here on does the broker route messages to us
                     print(f"monitor: watching {', '.join(mon.topics())}", file=err)
             elif kind == "msg":
-                row, line = mon.handle(*value)
-                if row is not None:
-                    dirty = True
-                    if as_json:
-                        if line is not None:
-                            print(json.dumps({"kind": "checkin", **asdict(line)}), file=out, flush=True)
-                        print(json.dumps({"kind": "gate", **asdict(row)}), file=out, flush=True)
-                    elif not tty:
-                        print(text_checkin(line) if line else text_gate(row), file=out, flush=True)
+                try:
+                    row, line = mon.handle(*value)
+                    if row is not None:
+                        dirty = True
+                        if as_json:  # strict JSON for other programs: no NaN, no Infinity
+                            if line is not None:
+                                print(
+                                    json.dumps({"kind": "checkin", **asdict(line)}, allow_nan=False), file=out
+                                )
+                            print(json.dumps({"kind": "gate", **asdict(row)}, allow_nan=False), file=out)
+                            out.flush()
+                        elif not tty:
+                            print(text_checkin(line) if line else text_gate(row), file=out, flush=True)
+                except Exception as exc:
+                    # handle() checks every value a gate sends; should one still get through, a
+                    # gate's message must not end the operator's view of every other gate.
+                    row, line = None, None
+                    print(f"monitor: skipped a message on {value[0]!a}: {type(exc).__name__}", file=err)
                 if line is not None:
                     shown += 1
             if tty and dirty and time.monotonic() - last_draw >= REDRAW_S:

@@ -2,14 +2,18 @@
 
 One CA signs the broker's server certificate and one client certificate per identity.
 mosquitto's ``use_identity_as_username`` takes the client certificate's CN as the MQTT user
-name, and the shipped ACL (``deploy/mosquitto/acl``) keys every gate's topics on it, so a
-device certificate's CN is exactly the device id (``device.id`` in the gate's config).
+name (and ``use_username_as_clientid`` as the client id), so a device certificate's CN is
+exactly the device id (``device.id`` in the gate's config). A device certificate also names
+the gate's site (subject L = ``device.site``): ``pki dynsec`` turns the certificates in this
+directory into the broker's access rules (:mod:`scanner.fleet.dynsec`), and a gate may write
+only under its own ``{prefix}/{site}/{device}/``. The directory is the one list of who may
+connect and as what; a revoked identity leaves it (to ``revoked/``) and so leaves the rules.
 
 Layout under ``--dir``::
 
     ca.crt  ca.key                      the fleet CA (keep ca.key offline)
     server/HOST.crt  server/HOST.key    the broker
-    device/ID.crt    device/ID.key      one per gate: CN = device id
+    device/ID.crt    device/ID.key      one per gate: CN = device id, L = its site
     operator/ID.crt  operator/ID.key    monitor and command senders
     collector/ID.crt collector/ID.key   the central ingest
 
@@ -37,12 +41,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from scanner.config import NAME
+from scanner.fleet import dynsec
 
 # Same rule as device.id in the config: a safe topic segment, and never '+', '#' or '/',
-# which would turn the ACL's %u pattern into a wildcard.
+# which would turn a topic in the broker's rules into a wildcard.
 CLIENT_ROLES = ("device", "operator", "collector")
-# The shipped ACL grants these user names fleet-wide rights: a gate must never be one.
+# The shipped broker rules give these user names fleet-wide rights: a gate must never be one.
 RESERVED_IDS = frozenset({"operator", "collector"})
+# `collect` publishes its status under {prefix}/collector/NAME/: a gate's site must not be it,
+# or a gate whose id equals a collector's name could write that collector's status.
+RESERVED_SITES = frozenset({"collector"})
 # A Pi without a real-time clock may boot a little behind; certificates are valid from
 # an hour before issue so that a freshly issued one is not "not yet valid" there.
 BACKDATE = dt.timedelta(hours=1)
@@ -64,6 +72,16 @@ class Issued:
     cert: Path
     key: Path
     key_created: bool
+
+
+def site_of(cert: x509.Certificate) -> str | None:
+    """The site a device certificate binds its gate to (subject L), or None (issued before sites)."""
+    names = cert.subject.get_attributes_for_oid(NameOID.LOCALITY_NAME)
+    return str(names[0].value) if names else None
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -169,6 +187,7 @@ def _issue(
     days: int,
     renew: bool,
     org_unit: str,
+    site: str | None = None,
 ) -> Issued:
     ca_cert, ca_key = _load_ca(root)
     start, end = _validity(days)
@@ -183,16 +202,14 @@ def _issue(
         if renew:
             raise PkiError(f"--renew: no key at {key_path}")
         key, created = _new_key(), True
+    subject = [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, org_unit)]
+    if site is not None:
+        subject.append(x509.NameAttribute(NameOID.LOCALITY_NAME, site))
+    # The CN last: mosquitto takes the first CN, and tools show it at the end of the line.
+    subject.append(x509.NameAttribute(NameOID.COMMON_NAME, name))
     builder = (
         x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, org_unit),
-                    x509.NameAttribute(NameOID.COMMON_NAME, name),
-                ]
-            )
-        )
+        .subject_name(x509.Name(subject))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -256,15 +273,33 @@ def issue_server(
 
 
 def issue_client(
-    root: Path, role: str, name: str, *, days: int = DEFAULT_LEAF_DAYS, renew: bool = False
+    root: Path,
+    role: str,
+    name: str,
+    *,
+    site: str | None = None,
+    days: int = DEFAULT_LEAF_DAYS,
+    renew: bool = False,
 ) -> Issued:
-    """A client certificate with CN = ``name``: the MQTT user name the broker's ACL sees."""
+    """A client certificate with CN = ``name``: the MQTT user name the broker's rules see.
+
+    A device's certificate also names its ``site``; ``renew`` without one keeps the site the
+    current certificate names.
+    """
     if role not in CLIENT_ROLES:
         raise PkiError(f"unknown role {role!r}")
     _check_name(name, "--id")
     if role == "device" and name in RESERVED_IDS:
-        raise PkiError(f"--id {name!r}: reserved for the {name} identity in the broker ACL")
-    # The CN is the whole identity: the same name in two roles would share its ACL rights.
+        raise PkiError(f"--id {name!r}: reserved for the {name} identity in the broker rules")
+    if site is not None:
+        if role != "device":
+            raise PkiError("--site: only a device (gate) certificate names a site")
+        _check_name(site, "--site")
+        if site in RESERVED_SITES:
+            raise PkiError(f"--site {site!r}: reserved for the collectors' status topics")
+    elif role == "device" and renew and (root / role / f"{name}.crt").is_file():
+        site = site_of(x509.load_pem_x509_certificate((root / role / f"{name}.crt").read_bytes()))
+    # The CN is the whole identity: the same name in two roles would share its broker rights.
     for other in CLIENT_ROLES:
         if other != role and (root / other / f"{name}.crt").exists():
             raise PkiError(f"--id {name!r} is already issued as a {other}; identities must be unique")
@@ -277,7 +312,58 @@ def issue_client(
         days=days,
         renew=renew,
         org_unit=f"gate-scanner {role}",
+        site=site,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """One client certificate in the directory: what the broker's rules are made from."""
+
+    role: str
+    name: str
+    site: str | None  # devices only; None for a device certificate issued before sites
+
+
+def identities(root: Path) -> list[Identity]:
+    """Every client identity with a certificate in ``root`` (revoked ones have moved out)."""
+    found = []
+    for role in CLIENT_ROLES:
+        for crt in sorted((root / role).glob("*.crt")):
+            cert = x509.load_pem_x509_certificate(crt.read_bytes())
+            name = _common_name(cert)
+            if name != crt.stem:
+                raise PkiError(f"{crt}: its CN is {name!r}, not {crt.stem!r}: not issued by this tool")
+            found.append(Identity(role, name, site_of(cert) if role == "device" else None))
+    return found
+
+
+def write_dynsec(root: Path, out: Path, *, prefix: str) -> list[Identity]:
+    """Write the broker's rules for every identity in ``root`` to ``out``; returns them.
+
+    Refuses (writing nothing) while a device certificate names no site: the broker would
+    give that gate no rights at all, and it would stop reporting without a word.
+    """
+    _check_name(prefix, "--prefix")
+    found = identities(root)
+    unsited = [i.name for i in found if i.role == "device" and i.site is None]
+    if unsited:
+        raise PkiError(
+            f"device certificates with no site: {', '.join(unsited)}; certify each for its site with "
+            f"`gate-scanner pki device --dir {root} --id ID --site SITE --renew`"
+        )
+    rules = dynsec.rules(
+        [(i.name, i.site) for i in found if i.role == "device" and i.site is not None],
+        collectors=[i.name for i in found if i.role == "collector"],
+        operators=[i.name for i in found if i.role == "operator"],
+        prefix=prefix,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(rules, indent=1) + "\n", encoding="utf-8")
+    tmp.chmod(0o644)
+    os.replace(tmp, out)
+    return found
 
 
 def revoke(root: Path, role: str, name: str, *, crl_days: int = DEFAULT_CRL_DAYS) -> Path:
@@ -390,6 +476,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--id", required=True, help="device.id of the gate" if role == "device" else "name")
         p.add_argument("--days", type=int, default=DEFAULT_LEAF_DAYS)
         p.add_argument("--renew", action="store_true", help="new certificate for the existing key")
+        if role == "device":
+            p.add_argument(
+                "--site",
+                help="device.site of the gate: the broker lets it write only there "
+                "(required for a new certificate; --renew keeps the current one unless given)",
+            )
+    rules = cmds.add_parser(
+        "dynsec", help="the broker's access rules for every identity here (mosquitto dynamic-security)"
+    )
+    rules.add_argument("--dir", required=True, type=Path)
+    rules.add_argument("--out", required=True, type=Path, help="e.g. dynamic-security.json")
+    rules.add_argument("--prefix", default="gate", help="mqtt.topic_prefix of the fleet")
     rev = cmds.add_parser("revoke", help="revoke an identity and rewrite crl.pem (mosquitto crlfile)")
     rev.add_argument("--dir", required=True, type=Path)
     rev.add_argument("--id", required=True)
@@ -402,6 +500,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
+        if args.pki == "dynsec":
+            found = write_dynsec(args.dir, args.out, prefix=args.prefix)
+            gates = [i for i in found if i.role == "device"]
+            print(
+                f"wrote {args.out}: {len(gates)} gates at {len({i.site for i in gates})} sites, "
+                f"{sum(i.role == 'collector' for i in found)} collectors, "
+                f"{sum(i.role == 'operator' for i in found)} operators; install it on the broker "
+                "and restart mosquitto (deploy/README.md)"
+            )
+            return 0
         if args.pki in ("revoke", "crl"):
             if args.pki == "revoke":
                 path = revoke(args.dir, args.role, args.id, crl_days=args.crl_days)
@@ -422,10 +530,15 @@ def main(args: argparse.Namespace) -> int:
                 renew=args.renew,
             )
         else:
-            issued = issue_client(args.dir, args.pki, args.id, days=args.days, renew=args.renew)
+            site = getattr(args, "site", None)
+            if args.pki == "device" and site is None and not args.renew:
+                raise PkiError("--site is required: the broker lets a gate write only under its own site")
+            issued = issue_client(args.dir, args.pki, args.id, site=site, days=args.days, renew=args.renew)
     except PkiError as exc:
         print(f"pki {args.pki}: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {issued.cert}")
     print(f"{'wrote' if issued.key_created else 'kept '} {issued.key} (0600)")
+    if args.pki in CLIENT_ROLES:
+        print(f"then: gate-scanner pki dynsec --dir {args.dir} --out dynamic-security.json (broker rules)")
     return 0

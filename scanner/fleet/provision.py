@@ -15,7 +15,8 @@ below is the contract between the two, and tests/fleet/test_firmware.py round-tr
 
 Keys and lists go to the writable data partition (the root file system is read-only once
 provisioned); ``gate.toml`` names the installed paths. The device certificate comes from the
-fleet CA via :mod:`scanner.fleet.pki` (CN = device id, which the broker ACL keys on).
+fleet CA via :mod:`scanner.fleet.pki` (CN = device id, L = site: the broker's rules bind the
+gate to both).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import tarfile
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
+
+from cryptography import x509
 
 from scanner.config import ConfigError, from_table
 from scanner.fleet import pki
@@ -122,9 +125,19 @@ def make_bundle(
     key = ca_dir / "device" / f"{device}.key"
     try:
         if not (crt.is_file() and key.is_file()):
-            pki.issue_client(ca_dir, "device", device, days=days)
+            pki.issue_client(ca_dir, "device", device, site=site, days=days)
     except pki.PkiError as exc:
         raise ProvisionError(str(exc)) from None
+    # The broker lets the gate write only under the site its certificate names: a bundle
+    # for another site would give a gate whose every publish is refused.
+    certified = pki.site_of(x509.load_pem_x509_certificate(crt.read_bytes()))
+    if certified != site:
+        what = f"is certified for site {certified!r}" if certified else "names no site"
+        raise ProvisionError(
+            f"{crt} {what}, not {site!r}: if the gate is at {site!r} now, "
+            f"`gate-scanner pki device --dir {ca_dir} --id {device} --site {site} --renew`, "
+            "then `pki dynsec` and restart the broker"
+        )
     names = {option: LISTS[option][0] for option in lists}
     text = render_config(
         device,

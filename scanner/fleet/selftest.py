@@ -57,6 +57,7 @@ from scanner.credentials.signed import (
     TrustStore,
     trusted_key_from_json,
 )
+from scanner.fleet import pki
 from scanner.fleet.passes import PUB_FILE, default_kid
 from scanner.gate import health
 from scanner.gate.camera import CameraError, open_source
@@ -331,7 +332,18 @@ def check_certificate(config: Config, *, now: datetime | None = None) -> Check |
             "FAIL",
             "certificate",
             detail + f", but device.id is {config.device.id}",
-            "the broker ACL keys on CN: re-provision",
+            "the broker's rules key on CN: re-provision",
+        )
+    site = pki.site_of(cert)
+    if site is not None and site != config.device.site:
+        # The shipped broker lets this identity write only under the site its certificate names.
+        return Check(
+            "FAIL",
+            "certificate",
+            detail + f", certified for site {site}, but device.site is {config.device.site}",
+            f"the broker refuses every publish under another site: set device.site = {site!r}, or if "
+            f"the gate moved, pki device --renew --id {config.device.id} --site {config.device.site} "
+            "and re-provision",
         )
     if days < CERT_WARN_DAYS:
         return Check("WARN", "certificate", detail, renew)
@@ -404,10 +416,11 @@ def check_broker(config: Config, *, timeout: float = BROKER_TIMEOUT_S, label: st
             "FAIL",
             "broker",
             f"{where}: connect {state['connack']}, subscribe {state.get('suback')}",
-            "the broker refused this identity: check the certificate CN = device.id and the broker ACL",
+            "the broker refused this identity: check the certificate (CN = device.id, its site = "
+            "device.site) and the broker's rules (pki dynsec)",
         )
     return Check(
-        "FAIL", "broker", f"{where}: published on {topic} but it never came back", "check the broker ACL"
+        "FAIL", "broker", f"{where}: published on {topic} but it never came back", "check the broker's rules"
     )
 
 

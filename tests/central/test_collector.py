@@ -26,7 +26,7 @@ from scanner.gate.publisher import Publisher
 from scanner.models import CheckinEvent
 from scanner.sim.localbroker import LocalBroker
 from tests import pg
-from tests.helpers import unique_name
+from tests.helpers import seed_devices, unique_name
 from tests.mqtt_helpers import Subscriber, wait_until
 
 SITE = "site-1"
@@ -613,3 +613,77 @@ def test_new_events_are_acked_past_32_holes(broker: LocalBroker, url: str, subsc
     finally:
         collector.stop()
         store.close()
+
+
+# --- the retained status: bounded, under the broker's packet limit, never before storage -------
+
+
+def _devices(n: int, missing_every: int = 0) -> list[dict]:
+    return [
+        {
+            "site": f"s{i:04d}",
+            "device": f"g{i:04d}",
+            "contiguous": 1,
+            "highest": 3 if missing_every and i % missing_every == 0 else 1,
+            "gaps": 1 if missing_every and i % missing_every == 0 else 0,
+            "missing": (i % 7 + 1) if missing_every and i % missing_every == 0 else 0,
+        }
+        for i in range(n)
+    ]
+
+
+def test_status_lists_devices_with_gaps_first_and_fits_its_limit():
+    body = {"schema": collector_module.STATUS_SCHEMA, "name": "c1"}
+    devices = _devices(1000, missing_every=10)
+    for limit in (300, 5_000, 50_000, 10**7):
+        payload = collector_module.status_payload(body, devices, limit)
+        assert payload is not None and len(payload) <= limit
+        status = json.loads(payload)
+        listed = status["devices"]
+        assert (status["devices_total"], status["devices_with_gaps"]) == (1000, 100)
+        assert status["missing_total"] == sum(d["missing"] for d in devices)
+        # Most missing first; then everyone else by site and device.
+        assert listed == sorted(devices, key=lambda d: (-d["missing"], d["site"], d["device"]))[: len(listed)]
+        # As many as fit: one more would not have.
+        if len(listed) < 1000:
+            assert len(payload) + len(json.dumps(devices[0], separators=(",", ":"))) + 1 > limit
+    assert len(json.loads(collector_module.status_payload(body, devices, 10**7))["devices"]) == 1000
+    assert collector_module.status_payload(body, devices, 100) is None  # not even the body
+
+
+def test_status_honours_the_brokers_maximum_packet_size(tmp_path: Path, gates):
+    """400 devices in the store make a ~40 kB status; this broker takes packets up to 8 kB.
+
+    A bigger publish makes mosquitto disconnect the collector, and it published the status
+    right after each SUBACK: a reconnect loop in which nothing was stored or acknowledged.
+    """
+    prefix = unique_name("pkt")
+    url = f"sqlite:{tmp_path / 'c.db'}"
+    store = open_store(url)
+    seed_devices(store, 400, gaps_every=50)
+    store.close()
+    with LocalBroker(tmp_path / "broker", extra_config="max_packet_size 8192") as broker:
+        status_topic = f"{prefix}/collector/c1/status"
+        with Subscriber(broker, status_topic) as sub:
+            store = open_store(url)
+            collector = Collector(collector_config(broker, prefix, url), store).start()
+            try:
+                assert collector.wait_subscribed(10), broker.log_tail()
+                gate = Gate(gate_config(tmp_path, broker, prefix), backlog=50).start()
+                gates.append(gate)
+                assert wait_until(lambda: gate.outbox.depth() == 0, 20), (
+                    "the gate's check-ins were never acked"
+                )
+                assert sub.wait_for(lambda msgs: any(m.payload for m in msgs), 10)
+                assert collector.stats()["stored"] == 50
+            finally:
+                collector.stop()
+                store.close()
+        payloads = [bytes(m.payload) for m in sub.messages if m.payload]
+        assert all(len(p) <= 8192 - len(status_topic) - collector_module.PACKET_OVERHEAD for p in payloads)
+        status = json.loads(payloads[-1])
+        assert status["devices_total"] == 401 and status["devices_with_gaps"] == 8
+        assert 8 < len(status["devices"]) < 401  # cut to fit, the gaps first
+        assert all(d["missing"] == 1 for d in status["devices"][:8])
+        # Connected once: never thrown off for a packet the broker does not take.
+        assert broker.log_tail(500).count(f"as {collector_module.client_id('c1')} (") == 1

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from scanner.central.monitor import Monitor
+from scanner.central.monitor import GateRow, Monitor, text_checkin, text_gate
 from scanner.sim.localbroker import LocalBroker
 from tests.helpers import REPO, MonitorProcess
 
@@ -54,7 +55,8 @@ def test_table_tolerates_missing_and_malformed_fields() -> None:
     mon.handle("gate/s1/g1/health", b'{"fps": 12.5, "outbox": {"depth": 4}, "clock_synced": false}', False)
     mon.handle("gate/s1/g1/status", b"not json", True)
     mon.handle("gate/s1/g1/status", b'{"alarms": {"publish_refused": "0x87", "camera": "x"}}', True)
-    assert mon.handle("gate/s1/g1/checkin", b"[1, 2]", False) == (None, None)
+    row, line = mon.handle("gate/s1/g1/checkin", b"[1, 2]", False)
+    assert line is None and row is not None and row.invalid == ["checkin"]  # came, unreadable
     assert mon.handle("gate/s1/g1/unknown", b"x", False) == (None, None)
     assert mon.handle("other/s1/g1/status", b"{}", False) == (None, None)
     assert mon.handle("gate/collector/c1/status", b"{}", True) == (None, None)  # not a gate
@@ -148,6 +150,7 @@ def test_monitor_json_shows_gates_and_checkins(fleet: Any, tmp_path: Path) -> No
             "clock_synced": True,
             "version": "1.0",
             "alarms": ["camera"],
+            "invalid": [],
         }
         assert [o["availability"] for o in seen if o["device"] == "gate-09"] == ["offline"]
         gates.publish(f"{prefix}/site-a/gate-01/checkin", checkin("site-a", "gate-01", 1, "accepted", "ok"))
@@ -170,6 +173,7 @@ def test_monitor_json_shows_gates_and_checkins(fleet: Any, tmp_path: Path) -> No
             "credential_type": "plain",
             "subject": SUBJECT[:8],
             "seq": 1,
+            "invalid": [],
         },
         {
             "kind": "checkin",
@@ -181,6 +185,7 @@ def test_monitor_json_shows_gates_and_checkins(fleet: Any, tmp_path: Path) -> No
             "credential_type": "plain",
             "subject": SUBJECT[:8],
             "seq": 2,
+            "invalid": [],
         },
     ]
     rows = {o["device"]: o for o in rest if o["kind"] == "gate"}
@@ -224,3 +229,171 @@ def test_monitor_bad_config_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "mqtt.port" in result.stderr
+
+
+# --- whatever a gate sends: shown where it can be, marked where not, never a traceback ---------
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+DIGITS_400 = b"9" * 400
+LONG = "x" * 100_000  # a string no field holds, in a message of ordinary size
+HUGE = "x" * 3_000_000  # a message bigger than any a gate sends: not even parsed
+ESCAPES = "\x1b[2J\x1b]0;pwned\x07\u202eevil"  # clear the operator's screen, retitle, reverse text
+
+HOSTILE_HEALTH: list[tuple[bytes, set[str]]] = [
+    (b'{"outbox": {"depth": NaN}, "fps": 12.0}', {"outbox_depth"}),
+    (b'{"outbox": {"depth": Infinity}}', {"outbox_depth"}),
+    (b'{"outbox": {"depth": 1e999}, "fps": -Infinity}', {"outbox_depth", "fps"}),
+    (b'{"outbox": {"depth": ' + DIGITS_400 + b'}, "fps": ' + DIGITS_400 + b".5}", {"outbox_depth", "fps"}),
+    (b'{"outbox": {"depth": 1' + b"0" * 5000 + b"}}", {"outbox_depth"}),  # past Python's int limit
+    (
+        b'{"outbox": {"depth": 2.5}, "fps": "fast", "clock_synced": "yes"}',
+        {"outbox_depth", "fps", "clock_synced"},
+    ),
+    (b'{"outbox": [4], "fps": true, "ts": 5}', {"outbox_depth", "fps", "last_seen"}),
+    (b'{"outbox": {"depth": -3}, "fps": 1e300}', {"outbox_depth", "fps"}),
+    (json.dumps({"ts": LONG, "alarms": {LONG: 1}}).encode(), {"last_seen", "alarms"}),
+    (json.dumps({"ts": HUGE, "fps": 1.0}).encode(), {"health"}),
+    (json.dumps({"ts": ESCAPES, "alarms": [ESCAPES, {"kind": 7}]}).encode(), {"last_seen", "alarms"}),
+    (json.dumps({"alarms": {f"a{i}": 1 for i in range(10_000)}}).encode(), {"alarms"}),
+    (b'{"outbox": {"depth": ' + DEEP + b"}}", {"health"}),
+    (DEEP, {"health"}),
+    (b"\xff\xfe{", {"health"}),
+    (b"[]", {"health"}),
+    (b'"' + HUGE.encode() + b'"', {"health"}),
+]
+HOSTILE_STATUS: list[tuple[bytes, set[str]]] = [
+    (json.dumps({"version": LONG}).encode(), {"version"}),
+    (
+        json.dumps({"version": ESCAPES, "alarms": {ESCAPES: "x", "camera": "ok"}}).encode(),
+        {"version", "alarms"},
+    ),
+    (b'{"version": NaN, "alarms": 7}', {"version", "alarms"}),
+    (b'{"version": ' + DIGITS_400 + b"}", {"version"}),
+    (b'{"alarms": ' + DEEP + b"}", {"status"}),
+]
+HOSTILE_CHECKIN: list[tuple[bytes, set[str]]] = [
+    (
+        json.dumps({"decision": LONG, "reason": ESCAPES, "ts": 1.5, "seq": 2**70, "credential": []}).encode(),
+        {"decision", "reason", "ts", "seq", "credential_type", "subject"},
+    ),
+    (
+        b'{"decision": "accepted", "seq": NaN, "credential": {"type": 7, "subject": "zz' + b"z" * 40 + b'"}}',
+        {"seq", "credential_type", "subject"},
+    ),
+    (b'{"decision": "rejected", "seq": ' + DIGITS_400 + b', "clock_synced": 1e999}', {"seq", "clock_synced"}),
+    (b"[" * 100_000, {"checkin"}),
+]
+
+
+def assert_shown_safely(mon: Monitor, row: GateRow | None) -> None:
+    assert row is not None
+    # --json consumers get strict JSON: no NaN or Infinity anywhere.
+    json.dumps(asdict(row), allow_nan=False)
+    for line in mon.stream:
+        json.dumps(asdict(line), allow_nan=False)
+    table = mon.table() + "\n" + text_gate(row) + "".join(text_checkin(c) for c in mon.stream)
+    assert all(c.isprintable() for c in table.replace("\n", "")), "control characters reach the terminal"
+    assert max(len(line) for line in table.splitlines()) < 1_000
+
+
+@pytest.mark.parametrize("payload, invalid", HOSTILE_HEALTH, ids=range(len(HOSTILE_HEALTH)))
+def test_hostile_health_is_shown_and_marked(payload: bytes, invalid: set[str]) -> None:
+    mon = Monitor("gate")
+    mon.handle("gate/s1/g1/health", json.dumps(HEALTH).encode(), True)
+    row, _ = mon.handle("gate/s1/g1/health", payload, False)
+    assert_shown_safely(mon, row)
+    assert row is not None and set(row.invalid) == invalid
+    if "fps" not in invalid and b'"fps": 12.0' in payload:
+        assert row.fps == 12.0  # what is readable is still shown
+    if "health" in invalid:  # nothing readable: the last good figures stay, marked stale
+        assert (row.fps, row.outbox_depth) == (29.5, 3)
+    mon.handle("gate/s1/g1/health", json.dumps(HEALTH).encode(), False)
+    assert row.invalid == []  # a good message clears the marks
+
+
+@pytest.mark.parametrize("payload, invalid", HOSTILE_STATUS, ids=range(len(HOSTILE_STATUS)))
+def test_hostile_status_is_shown_and_marked(payload: bytes, invalid: set[str]) -> None:
+    mon = Monitor("gate")
+    row, _ = mon.handle("gate/s1/g1/status", payload, True)
+    assert_shown_safely(mon, row)
+    assert row is not None and set(row.invalid) == invalid
+    if ESCAPES in payload.decode("utf-8", "replace") and "camera" in payload.decode():
+        assert "camera" in row.alarms
+
+
+@pytest.mark.parametrize("payload, invalid", HOSTILE_CHECKIN, ids=range(len(HOSTILE_CHECKIN)))
+def test_hostile_checkin_is_shown_and_marked(payload: bytes, invalid: set[str]) -> None:
+    mon = Monitor("gate")
+    row, line = mon.handle("gate/s1/g1/checkin", payload, False)
+    assert_shown_safely(mon, row)
+    assert row is not None
+    if invalid == {"checkin"}:
+        assert line is None and row.invalid == ["checkin"]
+    else:
+        assert line is not None and set(line.invalid) == invalid
+
+
+def test_a_cleared_retained_message_is_not_marked() -> None:
+    mon = Monitor("gate")
+    mon.handle("gate/s1/g1/health", b"[[[", True)
+    row, line = mon.handle("gate/s1/g1/health", b"", True)
+    assert row is not None and line is None and row.invalid == []
+
+
+def test_hostile_availability_and_topic_segments_are_shown_safely() -> None:
+    mon = Monitor("gate")
+    row, _ = mon.handle("gate/s1/g1/availability", ESCAPES.encode(), True)
+    assert_shown_safely(mon, row)
+    assert row is not None and row.availability is None and row.invalid == ["availability"]
+    row, _ = mon.handle("gate/s\u202e1/" + "g" * 5000 + "/availability", b"online", True)
+    assert_shown_safely(mon, row)
+    assert row is not None and row.availability == "online"
+
+
+def test_monitor_survives_a_hostile_gate(broker: LocalBroker, tmp_path: Path) -> None:
+    """The retained payloads from the report, and more, on a real broker: the operator's
+    monitor keeps running, prints strict JSON, and shows the good gate next to them."""
+    prefix = f"mon{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "operator.toml"
+    config.write_text(f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\ntopic_prefix = "{prefix}"\n')
+    gates = FakeGates(broker)
+    retained = [
+        (f"{prefix}/s1/nan/health", b'{"outbox": {"depth": NaN}}'),
+        (f"{prefix}/s1/inf/health", b'{"outbox": {"depth": 1e999}}'),
+        (
+            f"{prefix}/s1/digits/health",
+            b'{"outbox": {"depth": ' + DIGITS_400 + b'}, "fps": ' + DIGITS_400 + b"}",
+        ),
+        (f"{prefix}/s1/deep/status", b'{"alarms": ' + DEEP + b"}"),
+        (f"{prefix}/s1/types/health", b'{"outbox": "full", "fps": [1], "alarms": 3}'),
+        (f"{prefix}/s1/huge/status", json.dumps({"version": HUGE, "alarms": {ESCAPES: 1}}).encode()),
+        (f"{prefix}/s1/good/health", json.dumps(HEALTH).encode()),
+    ]
+    try:
+        for topic, payload in retained:
+            gates.publish(topic, payload, retain=True)
+        mon = MonitorProcess(config, "--count", "1", "--duration", "20", stderr=tmp_path / "err")
+        try:
+            seen = mon.until(
+                lambda lines: (
+                    {"nan", "inf", "digits", "deep", "types", "huge", "good"} <= {o["device"] for o in lines}
+                )
+            )
+            gates.publish(f"{prefix}/s1/good/checkin", checkin("s1", "good", 1, "accepted", "ok"))
+            code, rest = mon.finish()
+        finally:
+            mon.kill()
+    finally:
+        for topic, _ in retained:
+            gates.publish(topic, b"", retain=True)
+        gates.close()
+    err = (tmp_path / "err").read_text()
+    assert code == 0 and "Traceback" not in err, err
+    assert [o["seq"] for o in rest if o["kind"] == "checkin"] == [1]
+    rows = {o["device"]: o for o in seen + rest if o["kind"] == "gate"}
+    assert rows["good"]["fps"] == 29.5 and rows["good"]["invalid"] == []
+    assert rows["nan"]["outbox_depth"] is None and rows["nan"]["invalid"] == ["outbox_depth"]
+    assert rows["deep"]["invalid"] == ["status"]
+    assert set(rows["types"]["invalid"]) == {"outbox_depth", "fps", "alarms"}
+    for line in mon.raw:
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))

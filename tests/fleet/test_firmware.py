@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from scanner.cli import main
 from scanner.fleet import pki
@@ -214,3 +215,21 @@ def test_provision_refuses_to_overwrite_a_bundle(tmp_path: Path, capsys: pytest.
     code = main(["provision", "--ca-dir", str(tmp_path / "pki"), "--id", "gate-7", "--site", "market",
                  "--broker", "h:1883", "--out", str(out)])  # fmt: skip
     assert code == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_provision_certifies_the_gate_for_its_site_and_refuses_another(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_bundle(tmp_path, tmp_path / "first")
+    cert = x509.load_pem_x509_certificate((tmp_path / "first" / "device.crt").read_bytes())
+    assert pki.site_of(cert) == "market"  # the broker's rules bind gate-7 to it
+    again = ["provision", "--ca-dir", str(tmp_path / "pki"), "--id", "gate-7", "--broker", "h"]
+    assert main([*again, "--site", "market", "--out", str(tmp_path / "again")]) == 0  # a new SD card
+    assert (tmp_path / "again" / "device.crt").read_bytes() == (
+        tmp_path / "first" / "device.crt"
+    ).read_bytes()
+    capsys.readouterr()
+    assert main([*again, "--site", "station", "--out", str(tmp_path / "moved")]) == 2
+    err = capsys.readouterr().err
+    assert "certified for site 'market', not 'station'" in err and "--site station --renew" in err
+    assert not (tmp_path / "moved").exists()

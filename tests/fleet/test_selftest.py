@@ -163,6 +163,25 @@ def test_certificate_expiry_warns_within_30_days(tmp_path: Path) -> None:
     assert selftest.check_certificate(config, now=later).status == "FAIL"
 
 
+def test_certificate_for_another_site_fails(tmp_path: Path) -> None:
+    from scanner.config import from_table
+    from scanner.fleet import pki
+
+    pki.init_ca(tmp_path / "ca")
+    issued = pki.issue_client(tmp_path / "ca", "device", "gate-1", site="market")
+
+    def config(site: str):
+        mqtt = {"tls": True, "ca_file": str(tmp_path / "ca/ca.crt"), "cert_file": str(issued.cert)}
+        return from_table(
+            {"device": {"id": "gate-1", "site": site}, "mqtt": {**mqtt, "key_file": str(issued.key)}}
+        )
+
+    assert selftest.check_certificate(config("market")).status == "PASS"
+    check = selftest.check_certificate(config("station"))
+    assert check.status == "FAIL" and "certified for site market" in check.line()
+    assert "device.site = 'market'" in check.line()
+
+
 def test_the_last_result_is_kept_for_the_daemons_retained_status(tmp_path):
     from scanner import config as config_mod
     from scanner.fleet.selftest import Check, save_result
