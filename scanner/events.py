@@ -164,5 +164,6 @@ def to_json(event: CheckinEvent) -> bytes:
 
 
 def schema_path(name: str = "checkin") -> Path:
-    """The JSON Schema shipped for a payload: ``checkin``, ``status``, ``health``, ``cmd-reply``, ``occupancy``."""
+    """The JSON Schema shipped for a payload: ``checkin``, ``status``, ``health``, ``cmd-reply``,
+    ``occupancy``."""
     return Path(__file__).with_name("schemas") / f"{name}-1.json"
