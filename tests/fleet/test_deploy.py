@@ -14,8 +14,10 @@ import socket
 import ssl
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from scanner.config import Config, from_table
 from scanner.fleet import pki
+from scanner.gate.occupancy import Occupancy
 from scanner.gate.outbox import Outbox
 from scanner.gate.publisher import Publisher
 from scanner.sim.localbroker import LocalBroker
@@ -246,6 +249,7 @@ def clients() -> Iterator[list[TlsClient]]:
 
 
 def gate_config(broker: LocalBroker, certs: Path, tmp_path: Path, device: str = "gate-01") -> Config:
+    """gate-01's (or ``device``'s) config for the shipped broker: TLS with its fleet certificate."""
     return from_table(
         {
             "device": {"id": device, "site": SITE},
@@ -518,3 +522,53 @@ def test_monitor_with_the_operator_certificate(
         mon.kill()
     assert code == 0, (tmp_path / "err").read_text()
     assert [(o["device"], o["subject"]) for o in rest if o["kind"] == "checkin"] == [("gate-01", "abababab")]
+
+
+# --- the site's shared occupancy -------------------------------------------------------------
+
+
+def test_gates_share_their_occupancy_counters_and_nothing_more(
+    central: DeployedBroker, certs: Path, tmp_path: Path, clients: list[TlsClient]
+) -> None:
+    counters = f"gate/{SITE}/+/occupancy"
+    watcher = TlsClient(central, certs, "device/gate-02", "gate/#")  # gate-02 listening to everything
+    clients.append(watcher)
+    # Two real gates' occupancy, each behind its real publisher on the shipped broker.
+    sides = []
+    for device in ("gate-01", "gate-02"):
+        cfg = gate_config(central, certs, tmp_path / device, device=device)
+        (tmp_path / device).mkdir()
+        occ = Occupancy(
+            cfg, now=lambda: datetime.now(UTC), monotonic=time.monotonic, clock_synced=lambda: True
+        )
+        outbox = Outbox(tmp_path / device / "outbox.db", max_events=100)
+        pub = Publisher(cfg, outbox, status=lambda: {}, on_counter=occ.heard, on_link=occ.link)
+        occ.publish = pub.publish_occupancy
+        sides.append((cfg, occ, outbox, pub.start()))
+    try:
+        (_cfg1, occ1, _o1, pub1), (_cfg2, occ2, _o2, _pub2) = sides
+        assert pub1.wait_connected(10), central.log_tail()
+        entry = json.dumps({"decision": "accepted", "reason": "ok", "direction": "in"}).encode()
+        occ1.stage(entry)
+        occ1.committed()
+        assert occ2.wait_for(lambda: occ2.inside() == 1, 10), (occ2.snapshot(), central.log_tail())
+        assert occ1.wait_for(lambda: "gate-02" in occ1.snapshot()["gates"], 10)
+        # A gate writes only its own counter; the refusal is the broker's, not the gate's manners.
+        intruder = TlsClient(central, certs, "device/gate-01")
+        clients.append(intruder)
+        assert intruder.publish(f"gate/{SITE}/gate-02/occupancy", b"{}") == NOT_AUTHORIZED
+        assert intruder.publish(f"gate/{SITE}/gate-01/occupancy", b"") == 0  # its own: allowed
+        assert occ2.wait_for(lambda: occ2.inside() == 0, 10)  # cleared: gate-01 no longer counts
+        assert pub1.wait_drained(1)
+        # What gate-02 received of gate-01: its occupancy counters, nothing else.
+        assert intruder.publish(f"gate/{SITE}/gate-01/status", b"{}") == 0
+        got = {m.topic for m in watcher.messages if m.topic.startswith(f"gate/{SITE}/gate-01/")}
+        assert got == {f"gate/{SITE}/gate-01/occupancy"}
+        assert watcher.wait_for(counters) and all(mqtt.topic_matches_sub(counters, t) for t in got)
+    finally:
+        for _cfg, _occ, outbox, pub in sides:
+            pub.stop(timeout=2.0)
+            outbox.close()
+        cleaner = TlsClient(central, certs, "device/gate-02")
+        cleaner.publish(f"gate/{SITE}/gate-02/occupancy", b"")
+        cleaner.close()
