@@ -3,9 +3,13 @@
 Three real gates (the daemon's App: outbox, publisher, occupancy; mock pins and an idle
 camera) of one site on a private mosquitto. Each round makes one accepted entry at one gate
 through the commit path every event takes (an operator's ``open``), and times how long until
-every sibling's count includes it: from the end of the commit (the event and its count are
-durable) and from the start of the call. Then the decision cost the cap adds: the same
-decision without a cap, and with one (which reads the site's count from the sibling view).
+every sibling's count includes it: from the moment the entry's count is durable and handed to
+the publisher, and from the start of the call (the outbox commit included). Then the decision
+cost the cap adds: the same decision without a cap, and with one (which reads the site's
+count from the sibling view).
+
+mosquitto leaves Nagle's algorithm on unless ``set_tcp_nodelay true`` (``--tcp-nodelay``):
+then a small message may wait for the ACK of the previous one on the broker's side.
 """
 
 from __future__ import annotations
@@ -86,9 +90,10 @@ def _config(root: Path, broker: LocalBroker, device: str) -> config_mod.Config:
     )
 
 
-def bench_propagation(entries: int, root: Path) -> dict[str, Any]:
+def bench_propagation(entries: int, root: Path, *, tcp_nodelay: bool = False) -> dict[str, Any]:
     """Entries spread over three gates; ms until every sibling's count includes each one."""
-    with LocalBroker(root / "broker") as broker:
+    extra = "set_tcp_nodelay true" if tcp_nodelay else ""
+    with LocalBroker(root / "broker", extra_config=extra) as broker:
         stop = threading.Event()
         apps, threads, factories = [], [], []
         for device in GATES:
@@ -101,6 +106,9 @@ def bench_propagation(entries: int, root: Path) -> dict[str, Any]:
             factories.append(factory)
         try:
             views = [_started(app) for app in apps]
+            handed: list[float] = []  # when each gate's latest counter went to its publisher
+            for view in views:
+                view.publish = _timed(view.publish, handed)
             for view in views:  # every gate has heard every other gate's counter
                 if not _until(view, lambda v: set(GATES) <= set(v.snapshot()["gates"]), 20):
                     raise RuntimeError(f"gates did not see each other: {view.snapshot()}")
@@ -109,11 +117,12 @@ def bench_propagation(entries: int, root: Path) -> dict[str, Any]:
                 gate = apps[i % len(apps)].gate
                 assert gate is not None
                 siblings = [v for j, v in enumerate(views) if j != i % len(apps)]
+                handed.clear()
                 start = time.perf_counter()
                 ok, detail = gate.remote_open("bench")
-                committed = time.perf_counter()
-                if not ok:
+                if not ok or not handed:
                     raise RuntimeError(detail)
+                committed = handed[0]
                 for view in siblings:
                     if not _until(view, _inside_at_least(i + 1), 10):
                         raise RuntimeError(f"entry {i + 1} never reached a sibling: {view.snapshot()}")
@@ -128,10 +137,18 @@ def bench_propagation(entries: int, root: Path) -> dict[str, Any]:
                 factory.close()
     return {
         "gates": len(GATES),
-        "broker": "mosquitto on loopback",
-        "commit_to_every_sibling_ms": _percentiles(after_commit),
+        "broker": "mosquitto on loopback, set_tcp_nodelay " + ("true" if tcp_nodelay else "false (default)"),
+        "count_durable_to_every_sibling_ms": _percentiles(after_commit),
         "entry_call_to_every_sibling_ms": _percentiles(from_call),
     }
+
+
+def _timed(publish: Callable[[bytes], None], handed: list[float]) -> Callable[[bytes], None]:
+    def timed(body: bytes) -> None:
+        handed.append(time.perf_counter())
+        publish(body)
+
+    return timed
 
 
 def _until(view: Occupancy, check: Callable[[Occupancy], bool], timeout: float) -> bool:
@@ -187,13 +204,16 @@ def bench_decision(rounds: int) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entries", type=int, default=300, help="entries spread over the three gates")
     parser.add_argument("--decisions", type=int, default=100_000, help="decisions timed each way")
+    parser.add_argument(
+        "--tcp-nodelay", action="store_true", help="run mosquitto with set_tcp_nodelay true (Nagle off)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     setup_logging("warning")
     with tempfile.TemporaryDirectory(prefix="gate-bench-occupancy-") as tmp:
         try:
-            figures = bench_propagation(args.entries, Path(tmp))
+            figures = bench_propagation(args.entries, Path(tmp), tcp_nodelay=args.tcp_nodelay)
         except RuntimeError as exc:
             print(json.dumps({"error": str(exc)}))
             return EXIT_RUNTIME

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +73,16 @@ UNHEARD_RESEND_S = 2.0
 REFUSED_BACKOFF_MAX_S = 60.0
 
 ClientFactory = Callable[..., mqtt.Client]
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Nagle off: check-ins and occupancy counters are small and wanted now. With it on, the
+    second of two quick messages waits for the ACK of the first, which a delayed ACK holds
+    back ~40 ms (`bench occupancy` measured the sibling's count at p50 38 ms, 19 ms without)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError) as exc:
+        log.debug("TCP_NODELAY not set: %s", exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +291,7 @@ class Publisher:
         client.on_disconnect = self._cb_disconnect
         client.on_publish = self._cb_publish
         client.on_subscribe = self._cb_subscribe
+        client.on_socket_open = _no_delay
         client.message_callback_add(self._t_ack, self._cb_ack)
         if self._on_command is not None:
             client.message_callback_add(self._t_cmd, self._cb_cmd)

@@ -60,7 +60,7 @@ def test_bench_occupancy_measures_propagation_and_the_cap_check(tmp_path):
     from scanner.bench.occupancy import bench_decision, bench_propagation
 
     figures = bench_propagation(6, tmp_path)
-    for key in ("commit_to_every_sibling_ms", "entry_call_to_every_sibling_ms"):
+    for key in ("count_durable_to_every_sibling_ms", "entry_call_to_every_sibling_ms"):
         assert figures[key]["n"] == 6 and 0 < figures[key]["p50"] <= figures[key]["p99"]
     decision = bench_decision(2000)
     assert decision["decisions_each"] == 2000
