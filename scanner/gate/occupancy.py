@@ -412,8 +412,13 @@ class Occupancy:
                     return
                 heard = mono if counts.day == self._own.day else (known.heard if known else mono)
                 self._siblings[device] = _Sibling(counts, capacity, heard, mono)
-                if capacity != self.capacity:
-                    self._ignore(device, f"its site.capacity is {capacity}, this gate's is {self.capacity}")
+                if capacity != self.capacity and self._first(device, "capacity"):
+                    log.warning(
+                        "occupancy: %s has site.capacity %d, this gate %d: give a site's gates one [site]",
+                        device,
+                        capacity,
+                        self.capacity,
+                    )
                 self._changed()
         if body is not None:
             self.publish(body)
@@ -445,14 +450,18 @@ class Occupancy:
         return False
 
     def _ignore(self, device: str, why: str) -> None:
-        key = (device, re.sub(r"-?[0-9]+", "#", why))  # one line per kind of problem, not per value
+        if self._first(device, re.sub(r"-?[0-9]+", "#", why)):  # a line per kind of problem, not per value
+            log.warning("occupancy: ignoring the counter of %r: %s", device, why)
+
+    def _first(self, device: str, kind: str) -> bool:
+        """True the first time (device, kind) comes up: a flood of bad counters logs once."""
         with self._cond:
-            if key in self._logged:
-                return
+            if (device, kind) in self._logged:
+                return False
             if len(self._logged) >= _LOG_MAX:
                 self._logged.clear()
-            self._logged.add(key)
-        log.warning("occupancy: ignoring the counter of %r: %s", device, why)
+            self._logged.add((device, kind))
+            return True
 
     def link(self, up: bool) -> None:
         """The publisher's word: connected and subscribed to the site's counters, or not."""
