@@ -203,8 +203,11 @@ def gate_config(broker: LocalBroker, tmp_path: Path, **sections: dict[str, Any])
 
 
 @contextlib.contextmanager
-def running(cfg: config_mod.Config, factory: MockFactory, source: HeldSource) -> Iterator[App]:
-    app = App(cfg, pin_factory=factory, source=source)
+def running(
+    cfg: config_mod.Config, factory: MockFactory, source: HeldSource, **app_kwargs: Any
+) -> Iterator[App]:
+    """The daemon's App in a thread until the block ends (``app_kwargs``: clock, clock_synced, ...)."""
+    app = App(cfg, pin_factory=factory, source=source, **app_kwargs)
     stop = threading.Event()
     thread = threading.Thread(target=app.run, args=(stop,), name="test-app", daemon=True)
     thread.start()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -426,7 +425,7 @@ class Site:
 
     def start(self, name: str, **app_kwargs: Any) -> App:
         app = self._stack.enter_context(
-            running_with(self.cfgs[name], self.factories[name], self.sources[name], **app_kwargs)
+            running(self.cfgs[name], self.factories[name], self.sources[name], **app_kwargs)
         )
         self.apps[name] = app
         return app
@@ -472,29 +471,6 @@ class Site:
         history = self.relay[name]
         assert history[0] is False and history[-1] is False  # off at start, off after the stop
         return rising_edges(history)
-
-
-@contextlib.contextmanager
-def running_with(
-    cfg: config_mod.Config, factory: MockFactory, source: HeldSource, **kwargs: Any
-) -> Iterator[App]:
-    """``running`` with App arguments (clock, clock_synced)."""
-    if not kwargs:
-        with running(cfg, factory, source) as app:
-            yield app
-        return
-    app = App(cfg, pin_factory=factory, source=source, **kwargs)
-    stop = threading.Event()
-    thread = threading.Thread(target=app.run, args=(stop,), name="test-app", daemon=True)
-    thread.start()
-    try:
-        assert wait_until(lambda: app._publisher is not None, 10)
-        assert app._publisher.wait_subscribed(10)
-        yield app
-    finally:
-        stop.set()
-        thread.join(20)
-    assert not thread.is_alive()
 
 
 def checkins(sub: Subscriber) -> list[dict[str, Any]]:
