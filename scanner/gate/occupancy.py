@@ -39,7 +39,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Protocol
 
 from scanner.config import NAME, Config
@@ -115,6 +115,12 @@ class SiteDay:
 
     def of(self, moment: datetime) -> date:
         return (moment.astimezone(self._tz) - self._start).date()
+
+    def after(self, day: date) -> datetime:
+        """The moment (UTC) the day after ``day`` begins."""
+        return (datetime.combine(day + timedelta(days=1), time(), tzinfo=self._tz) + self._start).astimezone(
+            UTC
+        )
 
 
 # -- what an event does -----------------------------------------------------------------------
@@ -282,6 +288,10 @@ class Occupancy:
         self._cond = threading.Condition(threading.RLock())
         start = monotonic()
         self._own, self._siblings = self._load(saved, start)
+        # Kept up to date by _changed(), so a decision reads two numbers, not the whole view.
+        self._next_day_at = self._day.after(self._own.day)
+        self._others_net = 0
+        self._recount()
         self._staged: Movement | None = None
         self._link_up = False
         self._down_since = start  # not connected yet: counts as cut off from the start
@@ -372,8 +382,11 @@ class Occupancy:
             return max(0, self._own.net + self._others())
 
     def _others(self) -> int:
+        return self._others_net
+
+    def _recount(self) -> None:
         day = self._own.day
-        return sum(s.counts.net for s in self._siblings.values() if s.counts.day == day)
+        self._others_net = sum(s.counts.net for s in self._siblings.values() if s.counts.day == day)
 
     # -- the broker side (publisher thread) --------------------------------------------------------
 
@@ -504,11 +517,15 @@ class Occupancy:
 
     def _roll(self) -> None:
         """Start a new day when a synced clock says one began (caller holds the lock)."""
-        today = self._day.of(self._now())
+        now = self._now()
+        if now < self._next_day_at:
+            return  # every decision comes here: one comparison while the day lasts
+        today = self._day.of(now)
         if today <= self._own.day or not self._synced():
             return
         log.info("occupancy: a new day (%s) begins at %s; counts start from 0", today, self._own.day)
         self._own = Counts(today, self._own.version + 1)
+        self._next_day_at = self._day.after(today)
         mono = self._mono()
         for s in self._siblings.values():
             s.heard = max(s.heard, mono)  # each gets stale_after_s to start the day too
@@ -549,6 +566,7 @@ class Occupancy:
 
     def _changed(self) -> None:
         """The view changed (caller holds the lock): wake waiters; say when full flips."""
+        self._recount()
         self._cond.notify_all()
         full = self.capacity > 0 and max(0, self._own.net + self._others()) >= self.capacity
         if full != self._full:
