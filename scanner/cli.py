@@ -39,6 +39,9 @@ BENCHES: Table = {
     "decode": Command("scanner.bench.decode", "passes and ms per engine and chain over a photo corpus"),
     "frames": Command("scanner.bench.frames", "ms per synthetic frame per engine and chain"),
     "outbox": Command("scanner.bench.outbox", "a gate's outbox backlog drains into the collector"),
+    "occupancy": Command(
+        "scanner.bench.occupancy", "3 gates on one broker: an entry to every sibling's count; the cap's cost"
+    ),
     "soak": Command(
         "scanner.bench.soak", "random broker/collector/daemon kills for N minutes, then a report"
     ),

@@ -15,13 +15,16 @@ import tomllib
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
+from datetime import timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # Device ids, site names, topic prefixes and collector names: safe as an MQTT topic segment
 # and client id, and as a file name. Every reader of such a name checks it with this.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _NAME = NAME.pattern
+_NAME_DOC = "1-64 letters, digits, '_', '-', '.'"
 # A config for the central side (collector, trace, monitor) may leave [device] out.
 _CENTRAL_DEVICE = {"id": "central", "site": "central"}
 
@@ -196,6 +199,76 @@ class GpioConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SiteConfig:
+    capacity: int = _opt(
+        0,
+        "most people inside the site at once: at the cap entry gates reject (capacity_full) or, soft,"
+        " accept flagged over_capacity; exits are never refused; 0 = no cap",
+        min=0,
+        max=1_000_000,
+    )
+    capacity_mode: Literal["hard", "soft"] = _opt(
+        "hard", "at the cap: hard rejects entries (capacity_full); soft accepts them flagged over_capacity"
+    )
+    day_start: str = _opt(
+        "04:00",
+        "local time (HH:MM in site.timezone) at which the day's counts start again",
+        pattern=r"([01][0-9]|2[0-3]):[0-5][0-9]",
+        pattern_doc="a time HH:MM from 00:00 to 23:59",
+    )
+    timezone: str = _opt(
+        "+07:00",
+        "the site's time zone for day_start: a UTC offset (Vietnam: +07:00, no daylight saving)"
+        " or an IANA name such as Asia/Ho_Chi_Minh",
+    )
+    check_exits: bool = _opt(
+        False,
+        "exit gates (direction out) check codes like entry gates (a paid area); false: they open for"
+        " any readable code and record who left",
+    )
+    stale_after_s: float = _opt(
+        120.0,
+        "a sibling gate's counter not refreshed for this long, or this gate cut off from the broker"
+        " this long, makes the site's count stale (occupancy_stale alarm when capacity is set)",
+        min=2.0,
+        max=3600.0,
+    )
+    gates: tuple[str, ...] = _opt(
+        (),
+        "device ids of the site's gates; when set, occupancy counters of any other device are ignored"
+        " (the shipped broker ACL cannot stop a gate of another site writing under this site); empty:"
+        " every device under the site's topic counts",
+        pattern=_NAME,
+    )
+
+    @property
+    def tz(self) -> tzinfo:
+        return site_timezone(self.timezone)
+
+    @property
+    def day_start_offset(self) -> timedelta:
+        hours, minutes = self.day_start.split(":")
+        return timedelta(hours=int(hours), minutes=int(minutes))
+
+
+_OFFSET = re.compile(r"(?:UTC)?([+-])([01][0-9]|2[0-3]):?([0-5][0-9])")
+
+
+def site_timezone(text: str) -> tzinfo:
+    """``+07:00`` (also ``UTC+07:00``, ``+0700``) or an IANA name; ValueError when it is neither.
+
+    A fixed offset needs no time-zone database, which a stripped gate image may lack."""
+    match = _OFFSET.fullmatch(text)
+    if match:
+        sign = -1 if match.group(1) == "-" else 1
+        return timezone(sign * timedelta(hours=int(match.group(2)), minutes=int(match.group(3))))
+    try:
+        return ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"{text!r} is neither a UTC offset like +07:00 nor a known time zone name") from exc
+
+
+@dataclass(frozen=True, slots=True)
 class MqttConfig:
     host: str = _opt("localhost", "broker host name or address")
     port: int = _opt(1883, "broker port", min=1, max=65535)
@@ -287,6 +360,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     dcc: DccConfig = field(default_factory=DccConfig)
     gpio: GpioConfig = field(default_factory=GpioConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
@@ -409,6 +483,12 @@ def _cross_checks(c: Config) -> list[str]:
             f"camera.stall_timeout_s: {c.camera.stall_timeout_s} is shorter than camera.capture_timeout_s "
             f"{c.camera.capture_timeout_s}: a slow but working read would count as a stall"
         )
+    try:
+        site_timezone(c.site.timezone)
+    except ValueError as exc:
+        problems.append(f"site.timezone: {exc}")
+    if c.site.gates and c.device.id not in c.site.gates:
+        problems.append(f"site.gates: lists the site's gates but not this one ({c.device.id!r})")
     source = c.camera.source
     if not (source == "picamera2" or source.startswith(("dir:", "file:", "v4l2:", "rtsp://", "rtsps://"))):
         problems.append(f"camera.source: {source!r} is not picamera2, dir:, file:, v4l2: or rtsp://")
@@ -487,7 +567,7 @@ def _convert(hint: Any, value: Any, key: str, meta: Any, problems: list[str], ba
         if not isinstance(value, str):
             return bad(f"expected a string, got {_tname(value)} {value!r}")
         if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
-            return bad(f"{value!r} must be 1-64 letters, digits, '_', '-', '.'")
+            return bad(f"{value!r} must be {meta.get('pattern_doc', _NAME_DOC)}")
         return True, value
     if hint is Path:
         if not isinstance(value, str) or not value:
@@ -507,6 +587,10 @@ def _convert(hint: Any, value: Any, key: str, meta: Any, problems: list[str], ba
         unknown = [v for v in value if choices and v not in choices]
         if unknown:
             return bad(f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(choices)}")
+        if "pattern" in meta:
+            wrong = [v for v in value if not re.fullmatch(meta["pattern"], v)]
+            if wrong:
+                return bad(f"{', '.join(map(repr, wrong))}: each must be {_NAME_DOC}")
         if len(set(value)) != len(value):
             return bad("lists a value twice")
         return True, tuple(value)

@@ -154,6 +154,7 @@ def build_event(
 def to_json(event: CheckinEvent) -> bytes:
     fields = asdict(event)
     flags = fields.pop("flags")
+    occupancy = fields.pop("occupancy")
     credential = {
         "type": fields.pop("credential_type"),
         "subject": fields.pop("subject"),
@@ -167,9 +168,12 @@ def to_json(event: CheckinEvent) -> bytes:
     }
     if flags:
         document["flags"] = list(flags)
+    if occupancy is not None:
+        document["occupancy"] = {"inside": occupancy}
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def schema_path(name: str = "checkin") -> Path:
-    """The JSON Schema shipped for a payload: ``checkin``, ``status``, ``health``, ``cmd-reply``."""
+    """The JSON Schema shipped for a payload: ``checkin``, ``status``, ``health``, ``cmd-reply``,
+    ``occupancy``."""
     return Path(__file__).with_name("schemas") / f"{name}-1.json"

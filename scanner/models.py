@@ -68,6 +68,11 @@ class Reason(StrEnum):
     ANTI_PASSBACK = "anti_passback"
     CAPACITY_FULL = "capacity_full"
     STALE_TRUST_DATA = "stale_trust_data"
+    # Events that are not a scan's decision (README: Entries, exits, the door and corrections).
+    NO_PASSAGE = "no_passage"
+    EXIT_REQUEST = "exit_request"
+    FORCED_PASSAGE = "forced_passage"
+    OCCUPANCY_SET = "occupancy_set"
     # The gate itself cannot record the check-in (outbox unwritable or full): fail secure.
     DEVICE_FAULT = "device_fault"
 
@@ -128,3 +133,4 @@ class CheckinEvent:
     issuer: str | None = None
     valid_until: str | None = None
     flags: tuple[str, ...] = ()
+    occupancy: int | None = None  # with reason occupancy_set: the inside count an operator set

@@ -127,4 +127,5 @@ class Disconnected:
 
 @dataclass(frozen=True, slots=True)
 class SubAck:
+    mid: int  # which SUBSCRIBE it answers: a client may have several in flight
     reasons: list[ReasonCode]

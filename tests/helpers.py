@@ -135,20 +135,21 @@ def make_gate(cfg, signals, outbox) -> Gate:
 
 
 class HeldSource:
-    """A camera showing whatever ``image`` is set to, ~50 fps, until closed."""
+    """A camera showing whatever ``image`` is set to, ~50 fps (one frame per ``period_s``), until closed."""
 
     finite = False
 
-    def __init__(self, image: np.ndarray | None = None) -> None:
+    def __init__(self, image: np.ndarray | None = None, period_s: float = 0.02) -> None:
         image = BLANK if image is None else image
         self.image = image
         self._seq = 0
+        self._period_s = period_s
 
     def open(self) -> None:
         pass
 
     def read(self, timeout: float) -> Frame:
-        time.sleep(0.02)
+        time.sleep(self._period_s)
         self._seq += 1
         return Frame(self.image, self._seq, time.monotonic())
 
@@ -208,8 +209,11 @@ def gate_config(broker: LocalBroker, tmp_path: Path, **sections: dict[str, Any])
 
 
 @contextlib.contextmanager
-def running(cfg: config_mod.Config, factory: MockFactory, source: HeldSource) -> Iterator[App]:
-    app = App(cfg, pin_factory=factory, source=source)
+def running(
+    cfg: config_mod.Config, factory: MockFactory, source: HeldSource, **app_kwargs: Any
+) -> Iterator[App]:
+    """The daemon's App in a thread until the block ends (``app_kwargs``: clock, clock_synced, ...)."""
+    app = App(cfg, pin_factory=factory, source=source, **app_kwargs)
     stop = threading.Event()
     thread = threading.Thread(target=app.run, args=(stop,), name="test-app", daemon=True)
     thread.start()

@@ -522,7 +522,7 @@ class Collector:
         self._queue.put(Disconnected(rc))
 
     def _cb_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
-        self._queue.put(SubAck(list(rcs)))
+        self._queue.put(SubAck(mid, list(rcs)))
 
     def _cb_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self._queue.put(_Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._gen))
@@ -574,7 +574,7 @@ class Collector:
                         self._status_limit = status_limit(max_packet, self._t_status)
                         log.info("connected to %s (session present: %s)", self._where, session_present)
                         self._client.subscribe(self.subscription, qos=1)
-                    case SubAck(reasons):
+                    case SubAck(_mid, reasons):
                         for rc in reasons:
                             if rc.is_failure:
                                 log.error("subscription %s refused: %s", self.subscription, rc)

@@ -1,10 +1,11 @@
 """`gate-scanner monitor`: the operator's live view of every gate and the check-in stream.
 
 Subscribes to ``{prefix}/+/+/{availability,status,health,checkin}`` (or one site's) and keeps
-one row per gate. On a terminal it redraws a table at most once a second; otherwise it prints
-one line per change, or with ``--json`` one JSON object per line (``kind``: ``gate`` |
-``checkin``) for other programs. Subjects are pseudonyms already; only their first 8 hex
-characters are shown.
+one row per gate, and to the gates' occupancy counters for one row per site (people inside and
+the cap, summed from the counters as the gates sum them). On a terminal it redraws a table at
+most once a second; otherwise it prints one line per change, or with ``--json`` one JSON object
+per line (``kind``: ``gate`` | ``checkin`` | ``site``) for other programs. Subjects are
+pseudonyms already; only their first 8 hex characters are shown.
 
 Threads: paho's network thread only puts messages on a queue; the main thread owns the table
 and all output.
@@ -35,6 +36,8 @@ from scanner.events import now_ms
 from scanner.mqtt import connect_failure, secure
 
 LEAVES = ("availability", "status", "health", "checkin")
+OCCUPANCY = "occupancy"
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 REDRAW_S = 1.0
 SESSION_TAKEN_OVER = 0x8E  # MQTT v5 DISCONNECT reason
 STREAM_LINES = 15
@@ -111,6 +114,17 @@ def _int(text: str) -> int | _Unusable:
 def _float(text: str) -> float | _Unusable:
     value = float(text)
     return value if math.isfinite(value) else UNUSABLE
+
+
+@dataclass(frozen=True, slots=True)
+class SiteRow:
+    """A site's occupancy: its gates' counters of the latest day they report, summed."""
+
+    site: str
+    day: str | None
+    inside: int | None  # entries - exits + adjust over those counters, never below 0
+    capacity: int | None  # 0 = no cap; None when the gates are not configured alike
+    gates: int  # counters summed
 
 
 def _json(payload: bytes) -> dict[str, Any] | None:
@@ -208,9 +222,10 @@ class Monitor:
         self.stream: deque[CheckinLine] = deque(maxlen=STREAM_LINES)
         # Per gate and leaf: the fields its latest message of that leaf could not fill.
         self._marks: dict[tuple[str, str], dict[str, set[str]]] = {}
+        self.counters: dict[str, dict[str, tuple[str, int, int]]] = {}  # site → device → (day, net, cap)
 
     def topics(self) -> list[str]:
-        return [f"{self.prefix}/{self.site or '+'}/+/{leaf}" for leaf in LEAVES]
+        return [f"{self.prefix}/{self.site or '+'}/+/{leaf}" for leaf in (*LEAVES, OCCUPANCY)]
 
     def handle(self, topic: str, payload: bytes, retained: bool) -> tuple[GateRow | None, CheckinLine | None]:
         parts = topic.split("/")
@@ -331,6 +346,39 @@ class Monitor:
         self.stream.append(line)
         return line, set()
 
+    def handle_site(self, topic: str, payload: bytes) -> SiteRow | None:
+        """An occupancy counter (scanner/schemas/occupancy-1.json): the site's row, or None."""
+        parts = topic.split("/")
+        if len(parts) != 4 or parts[0] != self.prefix or parts[3] != OCCUPANCY:
+            return None
+        _, site, device, _ = parts
+        if self.site is not None and site != self.site:
+            return None
+        counters = self.counters.setdefault(site, {})
+        body = _json(payload)
+        figures = [
+            _integer(body.get(k)) if body else None for k in ("entries", "exits", "adjust", "capacity")
+        ]
+        day = body.get("day") if body else None
+        if not payload:
+            counters.pop(device, None)  # cleared: that gate no longer counts
+        elif isinstance(day, str) and _DAY.fullmatch(day) and None not in figures and len(counters) < 256:
+            entries, exits, adjust, capacity = (f or 0 for f in figures)
+            counters[device] = (day, entries - exits + adjust, capacity)
+        else:
+            return None  # not a counter: a gate ignores it too
+        return self.site_row(site)
+
+    def site_row(self, site: str) -> SiteRow:
+        counters = self.counters.get(site, {})
+        if not counters:
+            return SiteRow(site, None, None, None, 0)
+        day = max(d for d, _n, _c in counters.values())
+        today = [(net, cap) for d, net, cap in counters.values() if d == day]
+        caps = {cap for _n, cap in today}
+        capacity = caps.pop() if len(caps) == 1 else None
+        return SiteRow(site, day, max(0, sum(n for n, _c in today)), capacity, len(today))
+
     # --- rendering ---------------------------------------------------------------------------
 
     def table(self) -> str:
@@ -364,10 +412,29 @@ class Monitor:
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         out.insert(1, "  ".join("-" * w for w in widths))
+        out.extend(self.sites_table())
         out.append("")
         out.append("last check-ins, newest last (acc/rej: since the monitor started; !: unreadable):")
         out.extend(text_checkin(line) for line in self.stream)
         return "\n".join(out)
+
+    def sites_table(self) -> list[str]:
+        if not self.counters:
+            return []
+        out = ["", "site occupancy (the gates' counters of the latest day they report):"]
+        for site in sorted(self.counters):
+            out.append(text_site(self.site_row(site)))
+        return out
+
+
+def _integer(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**9 else None
+
+
+def text_site(r: SiteRow) -> str:
+    cap = {0: "no cap", None: "caps differ between its gates"}.get(r.capacity, f"cap {r.capacity}")
+    inside = "-" if r.inside is None else str(r.inside)
+    return f"site {r.site} {r.day or '-'}: {inside} inside, {cap} ({r.gates} gates)"
 
 
 def text_checkin(c: CheckinLine) -> str:
@@ -490,6 +557,12 @@ def run(
                     print(f"monitor: subscriptions refused by {where}: {', '.join(refused)}", file=err)
                 else:  # only from here on does the broker route messages to us
                     print(f"monitor: watching {', '.join(mon.topics())}", file=err)
+            elif kind == "msg" and (site_row := mon.handle_site(value[0], value[1])) is not None:
+                dirty = True
+                if as_json:
+                    print(json.dumps({"kind": "site", **asdict(site_row)}), file=out, flush=True)
+                elif not tty:
+                    print(text_site(site_row), file=out, flush=True)
             elif kind == "msg":
                 try:
                     row, line = mon.handle(*value)
@@ -531,7 +604,7 @@ def run(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="TOML file with an [mqtt] section")
     p.add_argument("--site", help="only this site")
-    p.add_argument("--json", action="store_true", help="one JSON object per line: kind gate | checkin")
+    p.add_argument("--json", action="store_true", help="one JSON object per line: kind gate | checkin | site")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--count", type=int, help="stop after this many check-ins")
 

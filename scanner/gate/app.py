@@ -27,6 +27,7 @@ from scanner.gate.camera import FrameSource, open_source
 from scanner.gate.camera.slot import LatestFrameSlot
 from scanner.gate.camera.watchdog import CameraSupervisor
 from scanner.gate.decode import Decoder
+from scanner.gate.occupancy import STATE_KEY, Occupancy
 from scanner.gate.outbox import Outbox, OutboxError
 from scanner.gate.pipeline import Alarms, Clock, Gate, SystemClock, show_fault
 from scanner.gate.publisher import Inbound, Publisher
@@ -79,7 +80,7 @@ class App:
         self._last_tick = 0.0
         self._started_mono = time.monotonic()
         self._sampler = sampler or telemetry.Sampler(config)
-        # Commands from paho's thread, drained on the pipeline thread (never run in the callback).
+        # Commands from paho's thread, drained on the commands thread (never run in the callback).
         self._commands: queue.Queue[Inbound] = queue.Queue(maxsize=_COMMAND_QUEUE)
         self._commands_bytes = 0  # payload bytes waiting in _commands (under _commands_lock)
         self._commands_lock = threading.Lock()
@@ -91,8 +92,13 @@ class App:
         self._reload_lock = threading.Lock()
         self._decoder_alarm = False  # the "decoder" alarm is up (pipeline thread only)
         self._publisher: Publisher | None = None
+        self.occupancy: Occupancy | None = None
+        self._status_occupancy: tuple[Any, ...] | None = None  # what the last status said
 
     def status(self) -> dict[str, Any]:
+        occupancy = self.occupancy.snapshot() if self.occupancy is not None else None
+        if occupancy is not None:
+            self._status_occupancy = _headline(occupancy)
         return {
             "schema": telemetry.STATUS_SCHEMA,
             "version": __version__,
@@ -103,6 +109,7 @@ class App:
             "lists": self.gate.trust.ages(self._clock.now()) if self.gate is not None else {},
             "outbox": {"depth": self._outbox_depth(), "max": self.config.storage.outbox_max_events},
             "selftest": health.load_selftest(self.config.storage.dir),  # `gate-scanner selftest` writes it
+            "occupancy": occupancy,
         }
 
     def health(self, *, remember: bool = True) -> dict[str, Any]:
@@ -124,6 +131,7 @@ class App:
             camera=self.camera_state,
             worker_failures=self._decoder.worker_failures if self._decoder is not None else 0,
             reconnects=self._publisher.reconnects if self._publisher is not None else 0,
+            occupancy=self.occupancy.snapshot() if self.occupancy is not None else None,
             remember=remember,
         )
 
@@ -222,6 +230,15 @@ class App:
         pseudonymizer = events.Pseudonymizer(ready.subject_key)
         trust, operator_keys = ready.trust, ready.operator_keys
         self._outbox = outbox
+        occupancy = Occupancy(
+            config,
+            now=self._clock.now,
+            monotonic=self._clock.monotonic,
+            clock_synced=self._clock_synced,
+            saved=outbox.saved_state(STATE_KEY),
+            alarms=self.alarms,
+        )
+        self.occupancy = occupancy
         publisher = Publisher(
             config,
             outbox,
@@ -229,9 +246,13 @@ class App:
             on_alarm=self.alarms.raise_,
             on_alarm_clear=self.alarms.clear,
             on_command=self._enqueue_command,
+            on_counter=occupancy.heard,
+            on_link=occupancy.link,
         )
         self._publisher = publisher
         self.alarms.on_change = publisher.publish_status
+        occupancy.publish = publisher.publish_occupancy
+        occupancy.on_change = publisher.publish_status  # the site became full, or not
         # A crash or hang in native decoder code costs one frame and a respawn, not the gate.
         decoder = Decoder(config.decoder.engines, isolate=config.decoder.isolate)
         self._decoder = decoder
@@ -246,6 +267,7 @@ class App:
             trust=trust,
             on_committed=lambda: self._committed(publisher),
             clock_synced=self._clock_synced,
+            occupancy=occupancy,
         )
         self._verifier = commands.Verifier(config, operator_keys, started=self._clock.now())
         self._handler = commands.CommandHandler(
@@ -256,6 +278,7 @@ class App:
             open_gate=gate.remote_open,
             reload=self._reload,
             snapshot=lambda: self.health(remember=False),
+            set_occupancy=gate.set_occupancy,
         )
         self._check_outbox_fill()  # a gate restarting with a full outbox says so at once
         # Start the decoder (its worker process, when isolated) before the first frame: on a
@@ -312,6 +335,7 @@ class App:
             log.error("the frame source failed and gave up: %s", self.alarms.snapshot().get("camera"))
             exit_code = 1
         stop.set()
+        occupancy.stopping()  # before offline: siblings then know these counts are final
         publisher.stop()
         watchdog.join(timeout=2)
         self._clock.save()
@@ -326,6 +350,7 @@ class App:
         ready = False
         while not stop.is_set():
             self._last_tick = time.monotonic()
+            gate.occupancy.tick()  # the day's start, the counter's heartbeat, staleness
             frame = slot.get(timeout=0.25, after_seq=last_seq)
             if frame is None:
                 if slot.closed:
@@ -429,6 +454,10 @@ class App:
                 self._check_outbox_fill()
                 body = json.dumps(self.health(), separators=(",", ":"), sort_keys=True)
                 publisher.publish_health(body.encode("utf-8"))
+                occupancy = self.occupancy
+                # The retained status's count follows within an interval, not on every passage.
+                if occupancy is not None and _headline(occupancy.snapshot()) != self._status_occupancy:
+                    publisher.publish_status()
             except Exception:
                 log.exception("telemetry sample failed")
 
@@ -467,3 +496,7 @@ class App:
         return now - self._last_frame < max(
             2 * camera.capture_timeout_s, 3 / camera.fps, camera.stall_timeout_s + 1
         )
+
+
+def _headline(occupancy: dict[str, Any]) -> tuple[Any, ...]:
+    return (occupancy["day"], occupancy["inside"], occupancy["full"], occupancy["stale"])

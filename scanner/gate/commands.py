@@ -1,7 +1,7 @@
 """Operator commands on ``cmd/{name}``: verify, refuse or execute; reply on ``cmd/{name}/reply``.
 
-Commands that open the gate or change what it trusts (``open``, ``reload``, ``lists``) must
-arrive in a signed envelope::
+Commands that open the gate, change what it trusts or correct the site's count (``open``,
+``reload``, ``lists``, ``occupancy``) must arrive in a signed envelope::
 
     {"schema": "gate-scanner/cmd/1", "name": "open", "device": "gate-01",
      "ts": "2026-11-29T07:31:02.114Z", "nonce": "<32 hex>", "args": {}, "kid": "<8 hex>",
@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 SCHEMA = "gate-scanner/cmd/1"
 REPLY_SCHEMA = "gate-scanner/cmd-reply/1"
 CONTEXT = b"gate-scanner/cmd/1\x00"
-SIGNED = frozenset({"open", "reload", "lists"})
+SIGNED = frozenset({"open", "reload", "lists", "occupancy"})
 KNOWN = SIGNED | {"selftest"}
 # ``lists`` argument name → the [policy] key holding that list's path.
 LIST_KEYS = {
@@ -75,6 +75,7 @@ _NONCE = re.compile(r"[0-9a-f]{16,64}")
 _ENVELOPE_KEYS = {"schema", "name", "device", "ts", "nonce", "args", "kid", "sig"}
 _START_GRACE = timedelta(seconds=2)
 MAX_PAYLOAD = 4 * 1024 * 1024  # lists of a large site fit; anything bigger is refused unread
+MAX_INSIDE = 1_000_000  # the contract's bound on a count (checkin schema: occupancy.inside)
 # Every command but ``lists`` is an envelope of a few hundred bytes: refusing a bigger one
 # before parsing keeps a flood of 4 MiB "open" messages from costing anything but their size.
 MAX_SMALL_PAYLOAD = 16 * 1024
@@ -437,6 +438,10 @@ def write_lists(config: Config, args: dict[str, Any]) -> list[str]:
 # -- executing ------------------------------------------------------------------------------
 
 
+def _count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INSIDE
+
+
 def reply_body(
     name: str, device: str, *, ok: bool, reason: str, detail: str = "", result: Any = None
 ) -> dict[str, Any]:
@@ -459,7 +464,8 @@ Publish = Callable[[str, bytes, bytes | None], None]  # (topic, payload, correla
 class CommandHandler:
     """Runs verified commands; every command gets exactly one reply (unless it was a retained delete).
 
-    ``open_gate(kid) -> (ok, detail)`` commits an event and pulses the relay (pipeline thread);
+    ``open_gate(kid) -> (ok, detail)`` commits an event and pulses the relay and
+    ``set_occupancy(kid, inside) -> (ok, detail)`` commits a correction (pipeline thread);
     ``reload() -> (ok, detail)`` and the list writes run on a worker thread.
     """
 
@@ -473,6 +479,7 @@ class CommandHandler:
         open_gate: Callable[[str], tuple[bool, str]],
         reload: Callable[[], tuple[bool, str]],
         snapshot: Callable[[], dict[str, Any]],
+        set_occupancy: Callable[[str, int], tuple[bool, str]],
     ) -> None:
         self._config = config
         self._verifier = verifier
@@ -481,6 +488,7 @@ class CommandHandler:
         self._open_gate = open_gate
         self._reload = reload
         self._snapshot = snapshot
+        self._set_occupancy = set_occupancy
         self._disk_lock = threading.Lock()  # one reload or list write at a time
         self.executed: list[str] = []  # names, for tests and logs
 
@@ -505,6 +513,14 @@ class CommandHandler:
                 return
             ok, detail = self._open_gate(envelope.kid or "")
             self._done(inbound, ok, "ok" if ok else "failed", detail)
+        elif name == "occupancy":
+            inside = envelope.args.get("inside")
+            if set(envelope.args) != {"inside"} or not _count(inside):
+                detail = f'occupancy takes {{"inside": N}} with N a whole number 0..{MAX_INSIDE}'
+                self._reply(inbound, ok=False, reason="malformed", detail=detail)
+                return
+            ok, detail = self._set_occupancy(envelope.kid or "", inside)
+            self._done(inbound, ok, "ok" if ok else "failed", detail, {"inside": inside} if ok else None)
         elif name == "selftest":
             self._done(inbound, True, "ok", "placeholder: a health snapshot", self._snapshot())
         elif name == "reload":

@@ -20,6 +20,10 @@ events in the bad file are lost; that must show as a gap at the collector, never
 by a new event reusing a seq. So seqs are also reserved in blocks in a sidecar file
 (``outbox.seq``, fsynced before any seq of a new block is committed): a fresh outbox starts
 at the reserved mark, above every seq the old one can have used.
+
+A ``state`` row (key → blob) may be written in the same transaction as an event: what is
+derived from events (the site's occupancy counts) then can never disagree with them after a
+power cut, and costs no second fsync.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY,
     created TEXT NOT NULL,
     payload BLOB NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL)
 """
 
 
@@ -191,12 +196,18 @@ class Outbox:
 
     # --- writing ---------------------------------------------------------------------------
 
-    def append(self, build: Callable[[int, str], bytes]) -> int:
+    def append(
+        self,
+        build: Callable[[int, str], bytes],
+        *,
+        state: Callable[[bytes], tuple[str, bytes] | None] | None = None,
+    ) -> int:
         """Allocate the next seq, store ``build(seq, created)`` and commit; return the seq.
 
         When this returns, the event is on disk (fsynced). ``build`` runs inside the
         transaction so the payload can carry its own seq; if it raises, nothing is stored
-        and the seq is not consumed.
+        and the seq is not consumed. ``state(payload)`` runs after it, in the same
+        transaction: the (key, blob) it returns replaces that state row (None: none).
         """
         with self._lock:
             conn = self._require()
@@ -214,6 +225,9 @@ class Outbox:
                 conn.execute(
                     "INSERT INTO outbox (seq, created, payload) VALUES (?, ?, ?)", (seq, created, payload)
                 )
+                row = state(payload) if state is not None else None
+                if row is not None:
+                    conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", row)
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (seq + 1,))
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -282,6 +296,17 @@ class Outbox:
                 return [(int(seq), bytes(payload)) for seq, payload in cur.fetchall()]
             except sqlite3.Error as exc:
                 raise OutboxError(f"cannot read: {exc}") from exc
+
+    def saved_state(self, key: str) -> bytes | None:
+        """The blob last written under ``key`` with an event (None: never, or unreadable)."""
+        with self._lock:
+            conn = self._require()
+            try:
+                row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+            except sqlite3.Error as exc:
+                log.warning("outbox %s: cannot read state %r: %s", self.path, key, exc)
+                return None
+            return None if row is None else bytes(row[0])
 
     def depth(self) -> int:
         with self._lock:

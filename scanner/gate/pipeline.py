@@ -23,6 +23,7 @@ from scanner.config import Config
 from scanner.credentials.dcc import DccRules
 from scanner.gate import health, lists, policy, telemetry
 from scanner.gate.decode import Decoder
+from scanner.gate.occupancy import STATE_KEY, Occupancy
 from scanner.gate.outbox import Outbox, OutboxError
 from scanner.gate.signals import Signals
 from scanner.gate.track import PresenceTracker
@@ -108,6 +109,7 @@ class Gate:
         trust: lists.TrustData | None = None,
         on_committed: Callable[[], None] = lambda: None,
         clock_synced: Callable[[], bool] = health.clock_synced,
+        occupancy: Occupancy | None = None,
     ) -> None:
         self._config = config
         self._decoder = decoder
@@ -122,10 +124,22 @@ class Gate:
         self._on_committed = on_committed
         self._clock_synced = clock_synced
         self._ids = events.Uuid7()
-        self._last_accept: dict[bytes, float] = {}
-        # Scans (pipeline thread) and remote opens (commands thread) decide and commit one at a
-        # time: each sees the other's anti-passback record and counters.
+        # Scans (pipeline thread) and operator commands (commands thread) decide and commit
+        # one at a time: each sees the other's anti-passback record, count and counters.
         self._lock = threading.Lock()
+        # Every event passes _commit, whatever thread makes it (a scan, a command, the door):
+        # one at a time, so the count staged with an event is the count it is committed with.
+        # Taken inside _lock where both are held.
+        self._commit_lock = threading.Lock()
+        self.occupancy = occupancy or Occupancy(
+            config,
+            now=clock.now,
+            monotonic=clock.monotonic,
+            clock_synced=clock_synced,
+            saved=outbox.saved_state(STATE_KEY),
+            alarms=alarms,
+        )
+        self._last_accept: dict[bytes, float] = {}
         self.reasons: Counter[str] = Counter()
         # Telemetry, read by the telemetry thread: plain counters and a bounded ring (one
         # append per frame), so measuring costs the pipeline nothing it would notice.
@@ -173,6 +187,7 @@ class Gate:
             trust=trust,
             now=scanned_at,
             since_last_accept_s=None if last is None else now_mono - last,
+            inside=self.occupancy.inside() if self._rules.capacity else 0,
         )
         synced = self._clock_synced()
         device = self._config.device
@@ -228,28 +243,10 @@ class Gate:
             return self._remote_open_locked(kid)
 
     def _remote_open_locked(self, kid: str) -> tuple[bool, str]:
-        opened_at = self._clock.now()
-        synced = self._clock_synced()
-        device = self._config.device
-
-        def build(seq: int, _created: str) -> bytes:
-            return events.to_json(
-                CheckinEvent(
-                    event_id=self._ids.new(int(opened_at.timestamp() * 1000)),
-                    seq=seq,
-                    device=device.id,
-                    site=device.site,
-                    direction=device.direction,
-                    ts=events.utc_ms(opened_at),
-                    clock_synced=synced,
-                    decision="accepted",
-                    reason=str(Reason.OK),
-                    credential_type="operator",
-                    subject=None,
-                    issuer=kid or None,
-                )
-            )
-
+        rules = self._rules
+        # The operator's word beats the cap, but the record says the site was full.
+        full = rules.capacity > 0 and rules.direction == "in" and self.occupancy.inside() >= rules.capacity
+        build = self._operator_event(kid, Reason.OK, flags=(policy.OVER_CAPACITY_FLAG,) if full else ())
         try:
             seq = self._commit(build)
         except OutboxError as exc:
@@ -261,15 +258,80 @@ class Gate:
         self._on_committed()
         return True, f"opened; recorded as seq {seq}"
 
+    def set_occupancy(self, kid: str, inside: int) -> tuple[bool, str]:
+        """An operator's signed correction: the site has ``inside`` people in it now.
+
+        It is an event like any other (``occupancy_set``, credential ``operator``), so the
+        record shows who changed what; counting it makes this gate's counter carry the
+        difference, which reaches every sibling. No relay moves.
+        """
+        with self._lock:
+            return self._set_occupancy_locked(kid, inside)
+
+    def _set_occupancy_locked(self, kid: str, inside: int) -> tuple[bool, str]:
+        before = self.occupancy.inside()
+        try:
+            seq = self._commit(self._operator_event(kid, Reason.OCCUPANCY_SET, occupancy=inside))
+        except OutboxError as exc:
+            log.error("occupancy correction refused: it could not be recorded (%s)", exc)
+            return False, f"the correction could not be recorded ({exc}); the count is unchanged"
+        self.reasons[Reason.OCCUPANCY_SET] += 1
+        log.info(
+            "seq=%d accepted reason=occupancy_set type=operator (kid %s): %d inside, was %d",
+            seq,
+            kid or "-",
+            inside,
+            before,
+        )
+        self._on_committed()
+        return True, f"the site's count is set to {inside} (was {before}); recorded as seq {seq}"
+
+    def _operator_event(
+        self, kid: str, reason: Reason, *, flags: tuple[str, ...] = (), occupancy: int | None = None
+    ) -> Callable[[int, str], bytes]:
+        """An event an operator's signed command makes (no credential scanned)."""
+        at = self._clock.now()
+        synced = self._clock_synced()
+        device = self._config.device
+
+        def build(seq: int, _created: str) -> bytes:
+            return events.to_json(
+                CheckinEvent(
+                    event_id=self._ids.new(int(at.timestamp() * 1000)),
+                    seq=seq,
+                    device=device.id,
+                    site=device.site,
+                    direction=device.direction,
+                    ts=events.utc_ms(at),
+                    clock_synced=synced,
+                    decision="accepted",
+                    reason=str(reason),
+                    credential_type="operator",
+                    subject=None,
+                    issuer=kid or None,
+                    flags=flags,
+                    occupancy=occupancy,
+                )
+            )
+
+        return build
+
     def _commit(self, build: Callable[[int, str], bytes]) -> int:
         """Append one event durably and return its seq. On OutboxError the ``outbox`` alarm and
-        the fault pattern are already up when it reaches the caller, who keeps the door shut."""
-        try:
-            seq = self._outbox.append(build)
-        except OutboxError as exc:
-            self._signals.set_fault(True)
-            self._alarms.raise_("outbox", f"cannot record check-ins: {exc}")
-            raise
+        the fault pattern are already up when it reaches the caller, who keeps the door shut.
+
+        The site's count is derived from the committed bytes, in the same transaction, so
+        every event counts by the same rule whoever made it."""
+        with self._commit_lock:
+            try:
+                seq = self._outbox.append(build, state=self.occupancy.stage)
+            except BaseException as exc:
+                self.occupancy.discard()
+                if isinstance(exc, OutboxError):
+                    self._signals.set_fault(True)
+                    self._alarms.raise_("outbox", f"cannot record check-ins: {exc}")
+                raise
+            self.occupancy.committed()
         if "outbox" in self._alarms.snapshot():
             self._alarms.clear("outbox")
             show_fault(self._signals, self._alarms)

@@ -1,4 +1,10 @@
-"""The entry decision: a pure function of the credential, the lists, the rules and the clock."""
+"""The decision at the door: a pure function of the credential, the lists, the rules, the
+site's inside count and the clock.
+
+An exit gate never traps anyone: unless ``site.check_exits`` is set it opens for any code it
+could read, and it is never refused for capacity. An entry gate at the site's cap rejects
+(``capacity_full``) or, in soft mode, accepts with the ``over_capacity`` flag.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from scanner.gate.lists import TrustData, id_key
 from scanner.models import Credential, CredentialType, Decision, Reason
 
 STALE_FLAG = "stale_trust_data"
+OVER_CAPACITY_FLAG = "over_capacity"
 _CARD_NUMBER = re.compile(rb"[0-9]{12}")  # the shape of a CCCD number
 
 # Which lists a decision about each credential type depends on: only those can make it stale.
@@ -29,6 +36,10 @@ class Rules:
     anti_passback_s: float = 0.0
     max_list_age_s: float = 0.0
     stale_action: str = "reject"  # "reject" | "flag"
+    direction: str = "in"  # "in" | "out"
+    check_exits: bool = False
+    capacity: int = 0  # 0: no cap
+    soft_capacity: bool = False
 
     @classmethod
     def from_config(cls, config: Config) -> Rules:
@@ -39,6 +50,10 @@ class Rules:
             anti_passback_s=policy.anti_passback_s,
             max_list_age_s=policy.max_list_age_h * 3600.0,
             stale_action=policy.stale_lists,
+            direction=config.device.direction,
+            check_exits=config.site.check_exits,
+            capacity=config.site.capacity,
+            soft_capacity=config.site.capacity_mode == "soft",
         )
 
 
@@ -50,14 +65,20 @@ def decide(
     trust: TrustData,
     now: datetime,
     since_last_accept_s: float | None = None,
+    inside: int = 0,
 ) -> Decision:
     """Accept or reject with a reason.
 
     ``subject`` is the credential's pseudonym (lists may hold pseudonyms instead of raw IDs,
     so a list file leaks nobody's ID number). ``since_last_accept_s`` is how long ago this
     same credential was last accepted at this gate (anti-passback), measured by the caller
-    on a monotonic clock so that a wall-clock jump cannot lock anyone out.
+    on a monotonic clock so that a wall-clock jump cannot lock anyone out. ``inside`` is the
+    site's count as this gate sees it (read only when there is a cap).
     """
+    if rules.direction == "out" and not rules.check_exits:
+        # Whoever is inside may leave: a code the camera could read is enough, and it is
+        # recorded (its pseudonym, when it has one) so the stay can be closed centrally.
+        return Decision(True, Reason.OK, credential)
 
     def reject(reason: Reason, detail: str = "") -> Decision:
         return Decision(False, reason, credential, detail or credential.detail)
@@ -98,4 +119,9 @@ def decide(
         and since_last_accept_s < rules.anti_passback_s
     ):
         return reject(Reason.ANTI_PASSBACK, f"accepted here {since_last_accept_s:.0f} s ago")
+    # Last: a person who may not enter anyway hears why, not that the site is full.
+    if rules.capacity > 0 and rules.direction == "in" and inside >= rules.capacity:
+        if not rules.soft_capacity:
+            return reject(Reason.CAPACITY_FULL, f"{inside} inside, capacity {rules.capacity}")
+        flags += (OVER_CAPACITY_FLAG,)
     return Decision(True, Reason.OK, credential, flags=flags)

@@ -213,6 +213,7 @@ class Sampler:
         camera: str,
         worker_failures: int,
         reconnects: int,
+        occupancy: dict[str, Any] | None = None,
         remember: bool = True,
     ) -> dict[str, Any]:
         """One payload. ``remember=False`` (an ad-hoc snapshot) leaves the fps window alone."""
@@ -246,6 +247,7 @@ class Sampler:
             "clock_synced": bool(self._clock_synced()),
             "disk_free_bytes": self._disk_free(self._config.storage.dir),
             "mqtt": {"reconnects": reconnects},
+            "occupancy": occupancy,
         }
 
 
@@ -257,7 +259,10 @@ def ha_discovery(config: Config, version: str) -> list[tuple[str, bytes]]:
 
     Entities: connectivity from ``availability``, an ``event`` entity for check-ins carrying
     only the decision and reason (the template drops the subject pseudonym), and sensors
-    for fps, outbox depth and CPU temperature from ``health``.
+    for fps, outbox depth and CPU temperature from ``health``. Plus one sensor per site, the
+    people inside: every gate of the site publishes the same config (same topic, same
+    unique_id), and its state topic is a filter over all their ``health`` (each carries the
+    site's count), so it stays current while any of them runs.
     """
 
     device, prefix = config.device, config.homeassistant.discovery_prefix
@@ -350,4 +355,27 @@ def ha_discovery(config: Config, version: str) -> list[tuple[str, bytes]]:
         body = {**body, "unique_id": f"{node}_{object_id}"}
         topic = f"{prefix}/{component}/{node}/{object_id}/config"
         out.append((topic, json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8")))
+    site_node = re.sub(r"[^A-Za-z0-9_-]", "_", f"gate_scanner_site_{device.site}")
+    site_sensor = {
+        "name": "People inside",
+        "unique_id": f"{site_node}_occupancy",
+        "state_topic": f"{config.mqtt.topic_prefix}/{device.site}/+/health",
+        "value_template": "{{ value_json.occupancy.inside }}",
+        "json_attributes_topic": f"{config.mqtt.topic_prefix}/{device.site}/+/health",
+        "json_attributes_template": (
+            '{{ {"capacity": value_json.occupancy.capacity, "full": value_json.occupancy.full,'
+            ' "stale": value_json.occupancy.stale, "day": value_json.occupancy.day} | tojson }}'
+        ),
+        "state_class": "measurement",
+        "unit_of_measurement": "people",
+        # No sw_version and no availability: the same bytes from every gate, whatever it runs.
+        "device": {
+            "identifiers": [site_node],
+            "name": f"Site {device.site}",
+            "manufacturer": "gate-scanner",
+            "model": "site occupancy",
+        },
+    }
+    topic = f"{prefix}/sensor/{site_node}/occupancy/config"
+    out.append((topic, json.dumps(site_sensor, separators=(",", ":"), sort_keys=True).encode("utf-8")))
     return out

@@ -631,12 +631,14 @@ def demo_frames(
     gap_s: float = 0.8,
     seed: int = 7,
     size: tuple[int, int] = (640, 480),
+    lead_s: float = 0.0,
 ) -> list[Path]:
     """Write a replayable demo as ``out_dir/%05d.png`` and return the paths in order.
 
     The camera is fixed, so one background serves the whole run. Each scene is
     ``round(hold_s * fps)`` frames of its code held in view, drifting a little between frames
-    as a hand does (same module size), then ``round(gap_s * fps)`` frames with no code.
+    as a hand does (same module size), then ``round(gap_s * fps)`` frames with no code; before
+    the first, ``round(lead_s * fps)`` frames with no code.
     Settings are kept moderate so that every code frame reads: this drives the demo, not a
     stress test.
     """
@@ -655,6 +657,12 @@ def demo_frames(
             raise OSError(f"could not write {path}")
         paths.append(path)
 
+    if lead_s > 0:
+        look = _draw_look(
+            rng, size, blur=None, noise=None, brightness=None, glare=False, near=None, moderate=True
+        )
+        for _ in range(round(lead_s * fps)):
+            write(_composite(background, None, None, look, rng, light))
     for name, payload in scenes:
         n_modules = _qr_matrix(payload, "m").shape[0]
         mp = max(3.0, _default_module_px(rng, n_modules, size, 0.35, 0.55))

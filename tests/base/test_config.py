@@ -132,3 +132,29 @@ def test_every_float_key_refuses_what_is_not_a_finite_number(tmp_path, value):
 def test_toml_nested_past_the_stack_is_a_config_error_not_a_traceback(tmp_path):
     deep = MINIMAL + "[policy]\naccept = " + "[" * 100_000 + "]" * 100_000 + "\n"
     assert problems(tmp_path, deep) == [f"{tmp_path / 'gate.toml'}: TOML nested too deep"]
+
+
+@pytest.mark.parametrize(
+    ("site", "expected"),
+    [
+        ('day_start = "4:00"', "site.day_start: '4:00' must be a time HH:MM from 00:00 to 23:59"),
+        ('day_start = "24:00"', "site.day_start: '24:00' must be a time HH:MM"),
+        ('timezone = "Mars/Olympus"', "site.timezone: 'Mars/Olympus' is neither a UTC offset like +07:00"),
+        ('timezone = "+25:00"', "site.timezone: '+25:00' is neither"),
+        ("capacity = -1", "site.capacity: -1 is out of range 0..1000000"),
+        ('capacity_mode = "maybe"', "site.capacity_mode: must be one of 'hard', 'soft'"),
+        ('gates = ["gate-02"]', "site.gates: lists the site's gates but not this one ('gate-01')"),
+        ('gates = ["gate-01", "a/b"]', "site.gates: 'a/b': each must be 1-64 letters"),
+    ],
+)
+def test_site_problems_name_the_key(tmp_path, site, expected):
+    found = problems(tmp_path, MINIMAL + f"[site]\n{site}\n")
+    assert any(expected in p for p in found), found
+
+
+def test_site_time_zone_offsets_and_day_start():
+    from datetime import timedelta
+
+    assert config.site_timezone("+07:00").utcoffset(None) == timedelta(hours=7)
+    assert config.site_timezone("UTC-0530").utcoffset(None) == -timedelta(hours=5, minutes=30)
+    assert config.SiteConfig(day_start="04:30").day_start_offset == timedelta(hours=4, minutes=30)

@@ -54,3 +54,14 @@ def test_bench_fuzz_counts_outcomes_and_exceptions():
     # The seeds are valid credentials of every type, and mutations reach every parser's reject paths.
     for outcome in ("plain/ok", "cccd/ok", "signed/ok", "dcc/ok", "signed/bad_signature", "dcc/malformed"):
         assert figures["outcomes"].get(outcome, 0) > 0, outcome
+
+
+def test_bench_occupancy_measures_propagation_and_the_cap_check(tmp_path):
+    from scanner.bench.occupancy import bench_decision, bench_propagation
+
+    figures = bench_propagation(6, tmp_path)
+    for key in ("count_durable_to_every_sibling_ms", "entry_call_to_every_sibling_ms"):
+        assert figures[key]["n"] == 6 and 0 < figures[key]["p50"] <= figures[key]["p99"]
+    decision = bench_decision(2000)
+    assert decision["decisions_each"] == 2000
+    assert decision["decision_us_without_cap"] > 0 and decision["decision_us_with_cap"] > 0

@@ -15,7 +15,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from scanner.central.monitor import GateRow, Monitor, text_checkin, text_gate
+from scanner.central.monitor import GateRow, Monitor, SiteRow, text_checkin, text_gate
 from scanner.sim.localbroker import LocalBroker
 from tests.helpers import REPO, MonitorProcess
 
@@ -397,3 +397,81 @@ def test_monitor_survives_a_hostile_gate(broker: LocalBroker, tmp_path: Path) ->
     assert set(rows["types"]["invalid"]) == {"outbox_depth", "fps", "alarms"}
     for line in mon.raw:
         json.loads(line, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+
+
+# -- site occupancy --------------------------------------------------------------------------
+
+
+def counter(
+    site: str, device: str, day: str, entries: int, exits: int, adjust: int = 0, capacity: int = 3
+) -> bytes:
+    """A gate's occupancy counter (scanner/schemas/occupancy-1.json)."""
+    return json.dumps(
+        {
+            "schema": "gate-scanner/occupancy/1",
+            "site": site,
+            "device": device,
+            "day": day,
+            "version": 1,
+            "entries": entries,
+            "exits": exits,
+            "adjust": adjust,
+            "capacity": capacity,
+            "stopped": False,
+            "ts": "2026-11-29T07:30:00.000Z",
+        }
+    ).encode()
+
+
+def test_site_occupancy_sums_the_counters_of_the_latest_day_and_shrugs_off_garbage() -> None:
+    mon = Monitor("gate")
+    day, next_day = "2026-11-29", "2026-11-30"
+    assert mon.handle_site("gate/s1/g1/occupancy", counter("s1", "g1", day, 5, 1)) == SiteRow(
+        "s1", day, 4, 3, 1
+    )
+    assert mon.handle_site("gate/s1/g2/occupancy", counter("s1", "g2", day, 0, 3, adjust=2)) == SiteRow(
+        "s1", day, 3, 3, 2
+    )
+    for garbage in (
+        b"not json",
+        b"[1]",
+        b'{"day": "x"}',
+        counter("s1", "g9", day, 5, 1).replace(b"5", b'"5"'),
+    ):
+        assert mon.handle_site("gate/s1/g9/occupancy", garbage) is None
+    assert mon.handle_site("gate/s1/g3/occupancy", counter("s1", "g3", next_day, 1, 0)) == SiteRow(
+        "s1", next_day, 1, 3, 1
+    )
+    assert mon.handle_site("gate/s1/g3/occupancy", b"") == SiteRow("s1", day, 3, 3, 2)  # cleared
+    assert (
+        mon.handle_site("gate/s1/g2/occupancy", counter("s1", "g2", day, 0, 9, capacity=5)).capacity is None
+    )
+    assert (
+        mon.handle_site("gate/s1/g2/occupancy", counter("s1", "g2", day, 0, 9)).inside == 0
+    )  # never below 0
+    assert mon.handle("gate/s1/g1/occupancy", counter("s1", "g1", day, 5, 1), True) == (None, None)
+    assert "site s1 2026-11-29: 0 inside, cap 3 (2 gates)" in mon.table()
+
+
+def test_monitor_json_shows_each_sites_occupancy(fleet: Any, tmp_path: Path) -> None:
+    gates, prefix, config = fleet
+    topic = f"{prefix}/site-a/gate-01/occupancy"
+    gates.publish(topic, counter("site-a", "gate-01", "2026-11-29", 7, 2), retain=True)
+    mon = MonitorProcess(config, "--duration", "20", stderr=tmp_path / "err")
+    try:
+        seen = mon.until(lambda lines: any(o["kind"] == "site" for o in lines))
+        gates.publish(f"{prefix}/site-a/gate-02/occupancy", counter("site-a", "gate-02", "2026-11-29", 0, 1))
+        seen += mon.until(lambda lines: any(o["kind"] == "site" and o["gates"] == 2 for o in lines))
+    finally:
+        mon.kill()
+        gates.publish(topic, b"", retain=True)
+    sites = [o for o in seen if o["kind"] == "site"]
+    assert sites[0] == {
+        "kind": "site",
+        "site": "site-a",
+        "day": "2026-11-29",
+        "inside": 5,
+        "capacity": 3,
+        "gates": 1,
+    }
+    assert sites[-1]["inside"] == 4

@@ -19,8 +19,10 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from scanner.central.collector import Collector, client_id, retire
 from scanner.central.store import open_store
 from scanner.config import Config, from_table
 from scanner.fleet import pki
+from scanner.gate.occupancy import Occupancy
 from scanner.gate.outbox import Outbox
 from scanner.gate.publisher import Inbound, Publisher
 from scanner.sim.localbroker import LocalBroker
@@ -110,7 +113,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fleet") / "pki"
     pki.init_ca(root, days=2)
     pki.issue_server(root, "localhost", ips=("127.0.0.1",), days=2)
-    for gate in ("gate-01", "gate-02"):
+    for gate in ("gate-01", "gate-02", "gate-03"):
         pki.issue_client(root, "device", gate, site=SITE, days=2)
     pki.issue_client(root, "device", "gate-09", site="site-b", days=2)
     for name in ("operator", "operator-2"):
@@ -349,6 +352,7 @@ def gate_table(broker: LocalBroker, certs: Path, tmp_path: Path, device: str = "
 
 
 def gate_config(broker: LocalBroker, certs: Path, tmp_path: Path, device: str = "gate-01") -> Config:
+    """gate-01's (or ``device``'s) config for the shipped broker: TLS with its fleet certificate."""
     return from_table(gate_table(broker, certs, tmp_path, device))
 
 
@@ -830,3 +834,46 @@ def test_a_fleet_too_big_for_one_status_packet_still_gets_its_checkins_stored(
         status = json.loads(operator.on(topic)[-1])
     assert 0 < len(status["devices"]) < 50_001
     assert fresh.log_tail(500).count("as collector (") == 1  # connected once, never thrown off
+
+
+# --- the site's shared occupancy -------------------------------------------------------------
+
+
+def test_gates_share_their_occupancy_counters_and_nothing_more(
+    central: DeployedBroker, certs: Path, tmp_path: Path, clients: list[TlsClient]
+) -> None:
+    # Two real gates' occupancy, each behind its real publisher on the shipped broker.
+    sides = []
+    for device in ("gate-01", "gate-02"):
+        cfg = gate_config(central, certs, tmp_path / device, device=device)
+        (tmp_path / device).mkdir()
+        occ = Occupancy(
+            cfg, now=lambda: datetime.now(UTC), monotonic=time.monotonic, clock_synced=lambda: True
+        )
+        outbox = Outbox(tmp_path / device / "outbox.db", max_events=100)
+        pub = Publisher(cfg, outbox, status=lambda: {}, on_counter=occ.heard, on_link=occ.link)
+        occ.publish = pub.publish_occupancy
+        sides.append((cfg, occ, outbox, pub.start()))
+    try:
+        (_cfg1, occ1, _o1, pub1), (_cfg2, occ2, _o2, _pub2) = sides
+        assert pub1.wait_connected(10), central.log_tail()
+        entry = json.dumps({"decision": "accepted", "reason": "ok", "direction": "in"}).encode()
+        occ1.stage(entry)
+        occ1.committed()
+        assert occ2.wait_for(lambda: occ2.inside() == 1, 10), (occ2.snapshot(), central.log_tail())
+        assert occ1.wait_for(lambda: "gate-02" in occ1.snapshot()["gates"], 10)
+        # A sibling writes only its own counter, a gate of another site none of this site's;
+        # the refusal is the broker's, not the gates' manners.
+        sibling = TlsClient(central, certs, "device/gate-03")
+        stranger = TlsClient(central, certs, "device/gate-09")
+        clients.extend([sibling, stranger])
+        assert sibling.publish(f"gate/{SITE}/gate-01/occupancy", b"{}") == NOT_AUTHORIZED
+        assert stranger.publish(f"gate/{SITE}/gate-09/occupancy", b"{}") == NOT_AUTHORIZED
+        assert occ2.inside() == 1  # neither reached gate-02's sum
+    finally:
+        for _cfg, _occ, outbox, pub in sides:
+            pub.stop(timeout=2.0)
+            outbox.close()
+        cleaner = TlsClient(central, certs, "device/gate-02")
+        cleaner.publish(f"gate/{SITE}/gate-02/occupancy", b"")
+        cleaner.close()

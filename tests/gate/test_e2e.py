@@ -23,7 +23,7 @@ from scanner import config as config_mod
 from scanner import events
 from scanner.gate.app import App
 from scanner.sim import synth
-from scanner.sim.demo import ALLOWED, DENIED, write_demo_files
+from scanner.sim.demo import ALLOWED, DENIED, EXIT_SCENES, RETRY_SCENES, write_demo_files
 from scanner.sim.demo import SCENES as DEMO_SCENES
 from scanner.sim.localbroker import LocalBroker
 from tests.helpers import rising_edges, toml_text, toml_with
@@ -232,10 +232,20 @@ def test_demo_command_runs_end_to_end():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     out = result.stdout
     assert "relay on" in out
-    assert out.count("subscriber ← checkin") == len(DEMO_SCENES)
+    assert out.count("subscriber ← checkin") == len(DEMO_SCENES) + len(EXIT_SCENES) + len(RETRY_SCENES)
     for reason in ("denylisted", "not_allowlisted", "unknown_format", "expired"):
         assert f"reason={reason}" in out
     assert "accepted reason=ok type=signed" in out
+    # The site holds two: the third is turned away, someone leaves, and then the third gets in.
+    checkins = [line for line in out.splitlines() if line.startswith("subscriber ← checkin")]
+    turned_away = next(line for line in checkins if "reason=capacity_full" in line)
+    subject = turned_away.split("subject=")[1].split()[0]
+    later = checkins[checkins.index(turned_away) + 1 :]
+    assert [("accepted reason=ok" in line, subject in line) for line in later] == [
+        (True, False),
+        (True, True),
+    ]
+    assert "the site has 1 inside (cap 2)" in out and out.count("the site has 2 inside (cap 2)") >= 2
 
 
 def outbox_depth(db: Path) -> int:

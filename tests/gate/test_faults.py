@@ -423,21 +423,21 @@ def _stored_decisions(collector: CollectorProc, cfg: config_mod.Config) -> list[
 
 class JumpingClock:
     """Wall time that jumps +1 day after the first scan and to -1 day after the fourth; the
-    monotonic clock is the real one. Counts only calls from the pipeline thread (the scans)."""
+    monotonic clock is the real one. Counts only the scans' calls (Gate._scan asks once per
+    scan; the pipeline thread's other readers, the site's day among them, see the jumps too)."""
 
     def __init__(self) -> None:
-        self.calls = 0
+        self.scans = 0
+        self.offset = timedelta(0)
 
     def now(self) -> datetime:
-        real = datetime.now(UTC)
-        if threading.current_thread().name != "gate-pipeline":
-            return real
-        self.calls += 1  # call 1 is the command verifier's start time, then one per scan
-        if self.calls <= 2:
-            return real
-        if self.calls <= 5:
-            return real + timedelta(days=1)
-        return real - timedelta(days=1)
+        if sys._getframe(1).f_code.co_name == "_scan":
+            self.scans += 1
+            if self.scans == 2:
+                self.offset = timedelta(days=1)
+            elif self.scans == 5:
+                self.offset = -timedelta(days=1)
+        return datetime.now(UTC) + self.offset
 
     def monotonic(self) -> float:
         return time.monotonic()

@@ -246,3 +246,43 @@ def test_a_plain_code_spelling_a_card_number_is_not_the_card():
     assert decide(b"EMP-0042", trust=badges).reason == Reason.OK
     pass_text = issuer.issue(b"EMP-0042", NOW - timedelta(days=1), NOW + timedelta(days=1)).encode()
     assert with_pass_trust(pass_text, trust=badges).reason == Reason.OK
+
+
+# -- exits and the site's cap -------------------------------------------------------------------
+
+DENY = TrustData(deny=text_list("denylist", b"EMP-0666"))
+EXIT = policy.Rules(accept=ALL, site="s1", direction="out", capacity=2)
+CAPPED = policy.Rules(accept=ALL, site="s1", capacity=2)
+SOFT = policy.Rules(accept=ALL, site="s1", capacity=2, soft_capacity=True)
+
+
+def site_decide(payload: bytes, rules: policy.Rules, inside: int, trust: TrustData = EMPTY):
+    credential = credentials.parse(payload, NOW)
+    return policy.decide(credential, subject=None, rules=rules, trust=trust, now=NOW, inside=inside)
+
+
+@pytest.mark.parametrize("payload", [b"EMP-0666", b"\xff\xfe\x00", b"GP1:ABCDEF", b"A" * 300, b"EMP-0001"])
+def test_an_exit_gate_lets_anyone_out_whatever_the_code_or_the_count(payload):
+    decision = site_decide(payload, EXIT, inside=99, trust=DENY)
+    assert decision.accepted and decision.reason is Reason.OK and decision.flags == ()
+
+
+def test_a_checked_exit_is_judged_like_an_entry_but_never_by_the_cap():
+    checked = policy.Rules(accept=ALL, site="s1", direction="out", capacity=2, check_exits=True)
+    assert site_decide(b"EMP-0666", checked, inside=0, trust=DENY).reason is Reason.DENYLISTED
+    assert site_decide(b"EMP-0001", checked, inside=99).accepted
+
+
+@pytest.mark.parametrize(("inside", "reason"), [(0, Reason.OK), (1, Reason.OK), (2, Reason.CAPACITY_FULL)])
+def test_the_cap_refuses_entries_from_the_capacity_on(inside, reason):
+    assert site_decide(b"EMP-0001", CAPPED, inside=inside).reason is reason
+
+
+def test_a_soft_cap_flags_instead_and_a_cap_of_zero_is_none():
+    decision = site_decide(b"EMP-0001", SOFT, inside=5)
+    assert decision.accepted and decision.flags == (policy.OVER_CAPACITY_FLAG,)
+    assert site_decide(b"EMP-0001", RULES, inside=10**6).accepted
+
+
+def test_at_the_cap_a_refusal_for_another_reason_keeps_that_reason():
+    assert site_decide(b"EMP-0666", CAPPED, inside=2, trust=DENY).reason is Reason.DENYLISTED

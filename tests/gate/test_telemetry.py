@@ -169,8 +169,11 @@ def test_home_assistant_discovery_only_when_enabled(broker, tmp_path: Path, subs
             assert pub.wait_subscribed(5)
             assert sub.payloads() == [b"online"]
             return
-        assert sub.wait_for(lambda msgs: len([m for m in msgs if m.topic.startswith(prefix)]) >= 5, 10)
+        assert sub.wait_for(lambda msgs: len([m for m in msgs if m.topic.startswith(prefix)]) >= 6, 10)
         configs = {m.topic: json.loads(m.payload) for m in sub.messages if m.topic.startswith(prefix)}
+        # The site's "people inside" sensor: one per site, the same config from each of its gates.
+        site_sensor = configs.pop(f"{prefix}/sensor/gate_scanner_site_{cfg.device.site}/occupancy/config")
+        assert site_sensor["state_topic"] == f"gate/{cfg.device.site}/+/health"
         components = sorted(t.split("/")[1] for t in configs)
         assert components == ["binary_sensor", "event", "sensor", "sensor", "sensor"]
         event = next(c for t, c in configs.items() if "/event/" in t)
@@ -181,7 +184,7 @@ def test_home_assistant_discovery_only_when_enabled(broker, tmp_path: Path, subs
         assert all(c["state_topic"] == cfg.topic("health") for c in sensors)
         assert len({c["unique_id"] for c in configs.values()}) == 5
         late = subscribe(f"{prefix}/#")
-        assert late.wait_for(lambda msgs: len(msgs) >= 5, 10) and all(m.retain for m in late.messages)
+        assert late.wait_for(lambda msgs: len(msgs) >= 6, 10) and all(m.retain for m in late.messages)
     finally:
         pub.stop(timeout=2)
         outbox.close()
