@@ -144,6 +144,7 @@ def build_event(
 def to_json(event: CheckinEvent) -> bytes:
     fields = asdict(event)
     flags = fields.pop("flags")
+    annuls = fields.pop("annuls")
     credential = {
         "type": fields.pop("credential_type"),
         "subject": fields.pop("subject"),
@@ -157,6 +158,8 @@ def to_json(event: CheckinEvent) -> bytes:
     }
     if flags:
         document["flags"] = list(flags)
+    if annuls is not None:
+        document["annuls"] = annuls
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 

@@ -41,6 +41,9 @@ class CredentialType(StrEnum):
     CCCD = "cccd"
     PLAIN = "plain"
     UNKNOWN = "unknown"
+    # No payload behind them: the door's own events (README: Entries, exits, the door and corrections).
+    EXIT_BUTTON = "exit_button"  # the door opened from inside
+    NONE = "none"  # a passage nobody was let through (forced door, tailgating)
 
 
 class Reason(StrEnum):
@@ -61,6 +64,10 @@ class Reason(StrEnum):
     ANTI_PASSBACK = "anti_passback"
     CAPACITY_FULL = "capacity_full"
     STALE_TRUST_DATA = "stale_trust_data"
+    # The door (scanner/gate/door.py): a passage input confirms or contradicts what was decided.
+    NO_PASSAGE = "no_passage"  # decision "annulled": an accepted event nobody passed through
+    EXIT_REQUEST = "exit_request"  # the exit button opened the door from inside
+    FORCED_PASSAGE = "forced_passage"  # a passage with no accept and no exit button before it
     # The gate itself cannot record the check-in (outbox unwritable or full): fail secure.
     DEVICE_FAULT = "device_fault"
 
@@ -121,3 +128,4 @@ class CheckinEvent:
     issuer: str | None = None
     valid_until: str | None = None
     flags: tuple[str, ...] = ()
+    annuls: str | None = None  # with decision "annulled": the event_id of the accepted event it annuls

@@ -2,9 +2,14 @@
 
 :class:`Gate` owns the order that is the gate's safety promise: the event is durable in the
 outbox before the relay moves, so nobody enters without a record; when the record cannot be
-written the scan is rejected and the gate shows its fault pattern. :class:`Alarms` is the set
-of named faults the retained ``status`` carries. Nothing here starts a thread or opens a
-device: the composition root (:mod:`scanner.gate.app`) builds these and drives them.
+written the scan is rejected and the gate shows its fault pattern. The one exception is the
+exit button, which opens first and records after (:mod:`scanner.gate.door`): nobody is ever
+locked in. :class:`Alarms` is the set of named faults the retained ``status`` carries.
+Nothing here starts a thread or opens a device: the composition root (:mod:`scanner.gate.app`)
+builds these and drives them.
+
+Every event goes through :meth:`Gate._commit`, from the pipeline thread (scans, remote opens)
+and from the door thread (exit button, forced passage, annulment), one at a time.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from scanner.config import Config
 from scanner.credentials.dcc import DccRules
 from scanner.gate import health, lists, policy, telemetry
 from scanner.gate.decode import Decoder
+from scanner.gate.door import Admission
 from scanner.gate.outbox import Outbox, OutboxError
 from scanner.gate.signals import Signals
 from scanner.gate.track import PresenceTracker
-from scanner.models import CheckinEvent, Decision, Frame, Reason
+from scanner.models import CheckinEvent, CredentialType, Decision, Frame, Reason
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +113,7 @@ class Gate:
         alarms: Alarms,
         trust: lists.TrustData | None = None,
         on_committed: Callable[[], None] = lambda: None,
+        on_admitted: Callable[[Admission], None] = lambda _admission: None,
         clock_synced: Callable[[], bool] = health.clock_synced,
     ) -> None:
         self._config = config
@@ -120,9 +127,13 @@ class Gate:
         self._clock = clock
         self._alarms = alarms
         self._on_committed = on_committed
+        self._on_admitted = on_admitted
         self._clock_synced = clock_synced
         self._ids = events.Uuid7()
+        self._commit_lock = threading.Lock()
         self._last_accept: dict[tuple[str, bytes], float] = {}
+        self._passback_lock = threading.Lock()  # the door thread forgets what an annulment undid
+        self._count_lock = threading.Lock()
         self.reasons: Counter[str] = Counter()
         # Telemetry, read by the telemetry thread: plain counters and a bounded ring (one
         # append per frame), so measuring costs the pipeline nothing it would notice.
@@ -167,12 +178,14 @@ class Gate:
         )
         synced = self._clock_synced()
         device = self._config.device
+        made: list[str] = []
 
         def build(seq: int, _created: str) -> bytes:
+            made.append(self._ids.new(int(scanned_at.timestamp() * 1000)))
             event = events.build_event(
                 decision,
                 seq=seq,
-                event_id=self._ids.new(int(scanned_at.timestamp() * 1000)),
+                event_id=made[-1],
                 device=device.id,
                 site=device.site,
                 direction=device.direction,
@@ -186,16 +199,27 @@ class Gate:
             seq = self._commit(build)
         except OutboxError as exc:
             self._signals.rejected()
-            self.reasons["device_fault"] += 1
+            self._count(Reason.DEVICE_FAULT)
             log.error("scan rejected: the check-in could not be recorded (%s); gate fails secure", exc)
             return Outcome(Decision(False, Reason.DEVICE_FAULT, credential, str(exc)), None)
         # Only now, with the record durable, may the door open.
         if decision.accepted:
+            remembered = self._remember_accept(passback_key, now_mono)
+            # Before the relay moves: the passage it lets through must find its admission.
+            self._on_admitted(
+                Admission(
+                    made[-1],
+                    device.direction,
+                    str(credential.type),
+                    subject,
+                    credential.issuer,
+                    passback_key if remembered else None,
+                )
+            )
             self._signals.accepted()
-            self._remember_accept(passback_key, now_mono)
         else:
             self._signals.rejected()
-        self.reasons[decision.reason] += 1
+        self._count(decision.reason)
         log.info(
             "seq=%d %s reason=%s type=%s%s%s",
             seq,
@@ -215,57 +239,123 @@ class Gate:
         operator key id as issuer) is committed before the relay moves; if it cannot be
         committed the gate stays shut and shows its fault, exactly as for a scan.
         """
-        opened_at = self._clock.now()
-        synced = self._clock_synced()
-        device = self._config.device
-
-        def build(seq: int, _created: str) -> bytes:
-            return events.to_json(
-                CheckinEvent(
-                    event_id=self._ids.new(int(opened_at.timestamp() * 1000)),
-                    seq=seq,
-                    device=device.id,
-                    site=device.site,
-                    direction=device.direction,
-                    ts=events.utc_ms(opened_at),
-                    clock_synced=synced,
-                    decision="accepted",
-                    reason=str(Reason.OK),
-                    credential_type="operator",
-                    subject=None,
-                    issuer=kid or None,
-                )
-            )
-
+        direction = self._config.device.direction
         try:
-            seq = self._commit(build)
+            seq, event_id = self._record(direction, "accepted", Reason.OK, "operator", issuer=kid or None)
         except OutboxError as exc:
             log.error("remote open refused: it could not be recorded (%s); gate stays shut", exc)
             return False, f"the open could not be recorded ({exc}); the gate stays shut"
+        self._on_admitted(Admission(event_id, direction, "operator", issuer=kid or None))
         self._signals.accepted()  # only now, with the record durable
-        self.reasons[Reason.OK] += 1
         log.info("seq=%d accepted reason=ok type=operator (remote open, kid %s)", seq, kid or "-")
-        self._on_committed()
         return True, f"opened; recorded as seq {seq}"
+
+    # -- the door's events (door thread; scanner.gate.door.Recorder) ------------------------------
+
+    def record_exit(self) -> Admission:
+        """The exit button opened the door from inside (the relay is already on): an exit, with no
+        subject. Raises OutboxError, with the alarm up, when it cannot be recorded."""
+        seq, event_id = self._record("out", "accepted", Reason.EXIT_REQUEST, CredentialType.EXIT_BUTTON)
+        log.info("seq=%d accepted reason=exit_request type=exit_button", seq)
+        return Admission(event_id, "out", str(CredentialType.EXIT_BUTTON))
+
+    def record_forced(self) -> None:
+        """A passage nobody was let through: a forced door, or someone following on another's accept."""
+        direction = self._config.device.direction
+        seq, _ = self._record(direction, "rejected", Reason.FORCED_PASSAGE, CredentialType.NONE)
+        log.warning("seq=%d rejected reason=forced_passage type=none", seq)
+
+    def record_annulment(self, admission: Admission) -> None:
+        """Nobody passed after ``admission``: a new event names it, so nobody counts that entry."""
+        seq, _ = self._record(
+            admission.direction,
+            "annulled",
+            Reason.NO_PASSAGE,
+            admission.credential_type,
+            subject=admission.subject,
+            issuer=admission.issuer,
+            annuls=admission.event_id,
+        )
+        if admission.passback is not None:
+            with self._passback_lock:  # the credential did not get anyone in: it may be shown again
+                self._last_accept.pop(admission.passback, None)
+        log.info(
+            "seq=%d annulled reason=no_passage type=%s annuls=%s",
+            seq,
+            admission.credential_type,
+            admission.event_id,
+        )
+
+    def _record(
+        self,
+        direction: str,
+        decision: str,
+        reason: Reason,
+        credential_type: str,
+        *,
+        subject: str | None = None,
+        issuer: str | None = None,
+        annuls: str | None = None,
+    ) -> tuple[int, str]:
+        """Commit an event that no scan produced; (seq, event_id). Raises OutboxError."""
+        at = self._clock.now()
+        synced = self._clock_synced()
+        device = self._config.device
+        made: list[str] = []
+
+        def build(seq: int, _created: str) -> bytes:
+            made.append(self._ids.new(int(at.timestamp() * 1000)))
+            return events.to_json(
+                CheckinEvent(
+                    event_id=made[-1],
+                    seq=seq,
+                    device=device.id,
+                    site=device.site,
+                    direction=direction,
+                    ts=events.utc_ms(at),
+                    clock_synced=synced,
+                    decision=decision,
+                    reason=str(reason),
+                    credential_type=str(credential_type),
+                    subject=subject,
+                    issuer=issuer,
+                    annuls=annuls,
+                )
+            )
+
+        seq = self._commit(build)
+        self._count(reason)
+        self._on_committed()
+        return seq, made[-1]
+
+    def _count(self, reason: str) -> None:
+        with self._count_lock:  # two threads count: a bare += can lose one
+            self.reasons[reason] += 1
 
     def _commit(self, build: Callable[[int, str], bytes]) -> int:
         """Append one event durably and return its seq. On OutboxError the ``outbox`` alarm and
-        the fault pattern are already up when it reaches the caller, who keeps the door shut."""
-        try:
-            seq = self._outbox.append(build)
-        except OutboxError as exc:
-            self._signals.set_fault(True)
-            self._alarms.raise_("outbox", f"cannot record check-ins: {exc}")
-            raise
-        if "outbox" in self._alarms.snapshot():
-            self._alarms.clear("outbox")
-            show_fault(self._signals, self._alarms)
-        return seq
+        the fault pattern are already up when it reaches the caller, who keeps the door shut.
 
-    def _remember_accept(self, key: tuple[str, bytes], now_mono: float) -> None:
+        Called from the pipeline and the door thread: one commit at a time, so whatever a commit
+        sets off sees the events in seq order."""
+        with self._commit_lock:
+            try:
+                seq = self._outbox.append(build)
+            except OutboxError as exc:
+                self._signals.set_fault(True)
+                self._alarms.raise_("outbox", f"cannot record check-ins: {exc}")
+                raise
+            if "outbox" in self._alarms.snapshot():
+                self._alarms.clear("outbox")
+                show_fault(self._signals, self._alarms)
+            return seq
+
+    def _remember_accept(self, key: tuple[str, bytes], now_mono: float) -> bool:
         window = self._rules.anti_passback_s
         if window <= 0:
-            return
-        self._last_accept[key] = now_mono
-        if len(self._last_accept) > 4096:  # a busy day: forget what is past the window
-            self._last_accept = {k: t for k, t in self._last_accept.items() if now_mono - t < window}
+            return False
+        with self._passback_lock:
+            self._last_accept[key] = now_mono
+            if len(self._last_accept) > 4096:  # a busy day: forget what is past the window
+                self._last_accept = {k: t for k, t in self._last_accept.items() if now_mono - t < window}
+        return True

@@ -213,6 +213,7 @@ class Sampler:
         camera: str,
         worker_failures: int,
         reconnects: int,
+        door: Mapping[str, int] | None = None,
         remember: bool = True,
     ) -> dict[str, Any]:
         """One payload. ``remember=False`` (an ad-hoc snapshot) leaves the fps window alone."""
@@ -246,6 +247,7 @@ class Sampler:
             "clock_synced": bool(self._clock_synced()),
             "disk_free_bytes": self._disk_free(self._config.storage.dir),
             "mqtt": {"reconnects": reconnects},
+            "door": dict(door) if door is not None else None,
         }
 
 
