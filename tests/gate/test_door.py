@@ -74,14 +74,14 @@ def states(f: ContactFactory, pin: int) -> list[bool]:
 def door_gate(broker: Any, tmp_path: Path, **door: Any) -> Any:
     """A gate on the test broker with the given door inputs; anti-passback off so one code can
     be shown again."""
-    gpio = door.pop("gpio", {})
-    return gate_config(
-        broker,
-        tmp_path,
-        door={"debounce_s": 0.01, **door},
-        gpio={"relay_pulse_s": 0.2, **gpio},
-        policy={"anti_passback_s": 0.0},
-    )
+    gpio, more = door.pop("gpio", {}), door.pop("sections", {})
+    sections = {
+        "door": {"debounce_s": 0.01, **door},
+        "gpio": {"relay_pulse_s": 0.2, **gpio},
+        "policy": {"anti_passback_s": 0.0},
+        **more,
+    }
+    return gate_config(broker, tmp_path, **sections)
 
 
 def checkins(sub: Subscriber) -> list[dict[str, Any]]:
@@ -208,6 +208,26 @@ def test_a_passage_ends_the_pulse_uses_up_the_accept_and_a_second_one_is_forced(
     reasons = [e["reason"] for e in checkins(sub)]
     assert reasons == ["ok", "forced_passage", "ok"]  # neither accept was annulled
     assert states(factory, relay) == [False, True, False, True, False]
+
+
+def test_an_annulled_entry_does_not_count_for_anti_passback(broker, tmp_path, factory):
+    # Someone scans, turns back, and comes again a minute later: the record says they never
+    # entered, so their code is not "already used".
+    cfg = door_gate(
+        broker,
+        tmp_path,
+        passage_pin=PASSAGE,
+        passage_timeout_s=0.5,
+        sections={"policy": {"anti_passback_s": 60.0}, "track": {"gone_after_s": 0.2}},
+    )
+    source = HeldSource()
+    with Subscriber(broker, cfg.topic("#")) as sub, running(cfg, factory, source):
+        first = scan_once(source, sub, 0)
+        assert wait_checkins(sub, 2)[1]["annuls"] == first["event_id"]
+        source.image = CODE_FRAME  # the same code, out of view since before the annulment
+        again = wait_checkins(sub, 3)[2]
+        assert (again["decision"], again["reason"]) == ("accepted", "ok")
+        assert again["credential"]["subject"] == first["credential"]["subject"]
 
 
 def test_a_remote_open_waits_for_its_passage_too(broker, tmp_path, factory):
