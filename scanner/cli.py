@@ -39,6 +39,7 @@ BENCHES: Table = {
     "decode": Command("scanner.bench.decode", "passes and ms per engine and chain over a photo corpus"),
     "frames": Command("scanner.bench.frames", "ms per synthetic frame per engine and chain"),
     "outbox": Command("scanner.bench.outbox", "a gate's outbox backlog drains into the collector"),
+    "door": Command("scanner.bench.door", "exit button and fire input to the relay while decoding"),
     "soak": Command(
         "scanner.bench.soak", "random broker/collector/daemon kills for N minutes, then a report"
     ),

@@ -72,6 +72,7 @@ from scanner.gate.signals import PinFactoryError, Signals, make_pin_factory
 from scanner.gate.telemetry import ThrottleReader, cpu_temp_c, disk_free_bytes
 from scanner.mqtt import secure
 from scanner.sim import synth
+from scanner.sim.contact import SimulatedContact
 from scanner.sim.localbroker import BrokerError, LocalBroker
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -398,7 +399,9 @@ def _check_input(
     except Exception as exc:  # busy pin, no permission: the same advice as for the outputs
         return Check("FAIL", spec.name, f"cannot read pin {pin}: {type(exc).__name__}: {exc}", wiring)
     try:
-        contact = _SimulatedContact(pin_factory.pin(pin), door.pull_up, nc) if simulate else None
+        contact = None
+        if simulate:
+            contact = SimulatedContact(pin_factory.pin(pin), pull_up=door.pull_up, normally_closed=nc)
         if contact is not None:
             contact.rest()
         if made.active and spec.key == "fire":
@@ -436,27 +439,6 @@ def _wait_level(made: Input, changed: threading.Condition, active: bool, timeout
             changed.wait(min(left, 0.05))
             made.recheck(time.monotonic())
     return True
-
-
-class _SimulatedContact:
-    """A mock pin driven like the dry contact on it (``--simulate``)."""
-
-    def __init__(self, pin: Any, pull_up: bool, normally_closed: bool) -> None:
-        self._pin = pin
-        self._closed_high = not pull_up  # a closed contact pulls to the rail opposite the pull
-        self._nc = normally_closed
-
-    def rest(self) -> None:
-        self._set(closed=self._nc)
-
-    def activate(self) -> None:
-        self._set(closed=not self._nc)
-
-    def _set(self, *, closed: bool) -> None:
-        if closed == self._closed_high:
-            self._pin.drive_high()
-        else:
-            self._pin.drive_low()
 
 
 def _wait(predicate: Callable[[], bool], timeout: float) -> bool:

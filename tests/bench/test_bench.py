@@ -54,3 +54,14 @@ def test_bench_fuzz_counts_outcomes_and_exceptions():
     # The seeds are valid credentials of every type, and mutations reach every parser's reject paths.
     for outcome in ("plain/ok", "cccd/ok", "signed/ok", "dcc/ok", "signed/bad_signature", "dcc/malformed"):
         assert figures["outcomes"].get(outcome, 0) > 0, outcome
+
+
+def test_bench_door_measures_both_edges_on_a_busy_daemon(tmp_path):
+    from scanner.bench.door import bench_door
+
+    figures = bench_door(10, isolate=True, workdir=tmp_path)
+    assert figures["relay_missed"] == 0
+    assert figures["pipeline_fps_while_measuring"] > 0  # it was decoding meanwhile
+    for key in ("exit_button_to_relay_on_ms", "fire_to_relay_held_ms"):
+        measured = figures[key]
+        assert measured["n"] == 5 and 0 < measured["p50"] <= measured["p99"] <= measured["max"]
