@@ -295,6 +295,41 @@ def test_the_exit_button_opens_with_the_camera_broker_and_outbox_all_down(tmp_pa
     assert states(factory, cfg.gpio.relay_pin) == [False, True, False]
 
 
+def test_the_exit_button_works_while_the_gate_is_still_starting(broker, tmp_path, factory, monkeypatch):
+    # The lists take their time to load (a big deny list on a slow SD card): the door opens
+    # meanwhile, and the press is recorded as soon as the gate can record anything.
+    from scanner.gate import lists
+
+    real_load, loading, release = lists.load, threading.Event(), threading.Event()
+
+    def slow_load(config: Any) -> Any:
+        loading.set()
+        release.wait(WAIT_S)
+        return real_load(config)
+
+    monkeypatch.setattr(lists, "load", slow_load)
+    cfg = door_gate(broker, tmp_path, exit_pin=EXIT)
+    relay = factory.pin(cfg.gpio.relay_pin)
+    with Subscriber(broker, cfg.topic("#")) as sub:
+        app = App(cfg, pin_factory=factory, source=HeldSource())
+        stop = threading.Event()
+        runner = threading.Thread(target=app.run, args=(stop,), daemon=True)
+        runner.start()
+        try:
+            assert loading.wait(WAIT_S)
+            tap(factory)
+            assert wait_until(lambda: relay.state, WAIT_S)
+            assert app.gate is None  # still starting
+            release.set()
+            (event,) = wait_checkins(sub, 1)
+            assert event["reason"] == "exit_request" and event["seq"] == 1
+        finally:
+            release.set()
+            stop.set()
+            runner.join(15)
+    assert not runner.is_alive()
+
+
 def test_an_exit_press_is_an_exit_with_no_subject_and_its_passage_is_not_forced(broker, tmp_path, factory):
     cfg = door_gate(broker, tmp_path, exit_pin=EXIT, passage_pin=PASSAGE, passage_timeout_s=0.5)
     with Subscriber(broker, cfg.topic("#")) as sub, running(cfg, factory, HeldSource()) as app:
