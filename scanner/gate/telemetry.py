@@ -301,7 +301,8 @@ def ha_discovery(config: Config, version: str) -> list[tuple[str, bytes]]:
                 **common,
                 "name": "Check-in",
                 "state_topic": config.topic("checkin"),
-                "event_types": ["accepted", "rejected"],
+                # annulled: the door saw nobody pass after an accept (scanner/gate/door.py)
+                "event_types": ["accepted", "rejected", "annulled"],
                 "value_template": (
                     '{{ {"event_type": value_json.decision, "reason": value_json.reason} | tojson }}'
                 ),

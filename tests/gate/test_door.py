@@ -351,10 +351,18 @@ def test_an_exit_press_is_an_exit_with_no_subject_and_its_passage_is_not_forced(
 
 
 def test_fire_holds_the_door_past_the_ceiling_scans_still_count_and_it_recovers(broker, tmp_path, factory):
-    cfg = door_gate(broker, tmp_path, fire_pin=FIRE, gpio={"relay_pulse_s": 0.2, "relay_max_on_s": 0.4})
+    cfg = door_gate(
+        broker,
+        tmp_path,
+        fire_pin=FIRE,
+        passage_pin=PASSAGE,
+        passage_timeout_s=5.0,
+        door_held_open_s=0.3,
+        gpio={"relay_pulse_s": 0.2, "relay_max_on_s": 0.4},
+    )
     source = HeldSource()
     relay, green, red = cfg.gpio.relay_pin, cfg.gpio.green_pin, cfg.gpio.red_pin
-    with Subscriber(broker, cfg.topic("#")) as sub, running(cfg, factory, source):
+    with Subscriber(broker, cfg.topic("#")) as sub, running(cfg, factory, source) as app:
         factory.contact(FIRE).open_contact()  # the panel's contact opens: fire
         assert wait_until(lambda: factory.pin(relay).state, WAIT_S)
         status = wait_alarm(sub, cfg, "fire")
@@ -365,18 +373,33 @@ def test_fire_holds_the_door_past_the_ceiling_scans_still_count_and_it_recovers(
         # Green and red flash together: a pattern nothing else shows.
         assert wait_until(lambda: rising_edges(states(factory, green)) >= 3, WAIT_S)
         assert wait_until(lambda: rising_edges(states(factory, red)) >= 3, WAIT_S)
-        # Scans are still recorded; the door stays held past pulses and the 0.4 s ceiling.
+        # Scans are still recorded. Everyone walks out: no passage is forced, and the door
+        # standing open is no alarm while it is released on purpose.
         event = scan_once(source, sub, 0)
         assert event["decision"] == "accepted"
-        threading.Event().wait(1.2)  # three ceilings
+        walk_through(factory, app)
+        walk_through(factory, app)
+        factory.contact(PASSAGE).open_contact()
+        # The door stays held past pulses and three of its 0.4 s ceilings.
+        threading.Event().wait(1.2)
         assert states(factory, relay) == [False, True]
+        assert set(last_status(sub, cfg)["alarms"]) == {"fire"}
         factory.contact(FIRE).close_contact()
         assert wait_until(lambda: not factory.pin(relay).state, WAIT_S)
         wait_alarm(sub, cfg, "fire", present=False)
         assert wait_until(lambda: not factory.pin(green).state and not factory.pin(red).state, WAIT_S)
+        # The fire is over and the door still stands open: now that is an alarm.
+        wait_alarm(sub, cfg, "door_held_open")
+        factory.contact(PASSAGE).close_contact()
+        wait_alarm(sub, cfg, "door_held_open", present=False)
         # Back to normal pulses.
         scan_once(source, sub, 1)
+        assert wait_until(lambda: factory.pin(relay).state, WAIT_S)
+        walk_through(factory, app)
         assert wait_until(lambda: states(factory, relay) == [False, True, False, True, False], WAIT_S)
+        door = app.health(remember=False)["door"]
+        assert door == {"passages": 4, "forced_passage": 0, "door_held_open": 1, "tamper": 0, "fire": 1}
+    assert [e["reason"] for e in checkins(sub)] == ["ok", "ok"]
 
 
 def test_a_cut_fire_wire_at_start_holds_the_door_from_the_start(broker, tmp_path, factory):
