@@ -309,8 +309,9 @@ class Door:
         """Until the next deadline (an annulment, a debounce window, the door held open)."""
         deadlines = [self._credits[0].deadline] if self._credits else []
         deadlines += [i.recheck_at for i in self.inputs.values() if i.recheck_at is not None]
-        if self._held_open_at is not None and "door_held_open" not in self._raised:
-            deadlines.append(self._held_open_at)
+        held_at = self._held_open_at
+        if held_at is not None and "door_held_open" not in self._raised and not self._signals.fire:
+            deadlines.append(held_at)
         if not deadlines:
             return 1.0
         return min(1.0, max(0.0, min(deadlines) - time.monotonic()))
@@ -379,7 +380,8 @@ class Door:
                 log.info("no passage within %.1f s: annulling %s", timeout, admission.event_id)
                 self._with_recorder("annulment", functools.partial(_annul, admission=admission))
         held_open = self._held_open_at is not None and now >= self._held_open_at
-        if held_open and "door_held_open" not in self._raised:
+        # During a fire the door is released on purpose: an open door is the point.
+        if held_open and "door_held_open" not in self._raised and not self._signals.fire:
             limit = self._config.door_held_open_s
             self._set_alarm("door_held_open", True, f"the door has been open for more than {limit} s")
 
