@@ -397,6 +397,10 @@ class Door:
 
     def _with_recorder(self, what: str, action: Callable[[Recorder], None]) -> None:
         if self._recorder is None:
+            if len(self._early) == self._early.maxlen:
+                log.error(
+                    "door: %d events wait for the gate to start; the oldest is dropped", len(self._early)
+                )
             self._early.append(action)
             return
         self._record(what, action)
