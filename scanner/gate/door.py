@@ -84,8 +84,11 @@ class AlarmBoard(Protocol):
 
 
 class Input:
-    """One debounced door input; ``on_change(input, active, at)`` runs on every accepted change,
-    under this input's lock, so two changes of one input are never reported out of order."""
+    """One debounced door input: a dry contact between the pin and GND (``pull_up``, the
+    internal pull-up holds the pin high while it is open) or 3.3 V (internal pull-down).
+
+    ``on_change(input, active, at)`` runs on every accepted change, under this input's lock,
+    so two changes of one input are never reported out of order."""
 
     def __init__(
         self,
