@@ -22,8 +22,9 @@ import pytest
 from scanner import events
 from scanner.central.monitor import Monitor
 from scanner.config import from_table
-from scanner.gate import relay_off
+from scanner.gate import lists, relay_off
 from scanner.gate.app import App
+from scanner.gate.camera import CameraError
 from scanner.gate.door import Door
 from scanner.gate.outbox import Outbox
 from scanner.gate.pipeline import Alarms
@@ -247,8 +248,6 @@ class DeadCamera:
     finite = False
 
     def open(self) -> None:
-        from scanner.gate.camera import CameraError
-
         raise CameraError("no camera on this bus")
 
     def read(self, timeout: float) -> Frame:
@@ -298,8 +297,6 @@ def test_the_exit_button_opens_with_the_camera_broker_and_outbox_all_down(tmp_pa
 def test_the_exit_button_works_while_the_gate_is_still_starting(broker, tmp_path, factory, monkeypatch):
     # The lists take their time to load (a big deny list on a slow SD card): the door opens
     # meanwhile, and the press is recorded as soon as the gate can record anything.
-    from scanner.gate import lists
-
     real_load, loading, release = lists.load, threading.Event(), threading.Event()
 
     def slow_load(config: Any) -> Any:
