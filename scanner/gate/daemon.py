@@ -13,6 +13,7 @@ from pathlib import Path
 
 from scanner.console import EXIT_RUNTIME, EXIT_USAGE, load_or_report, setup_logging, stop_on_signals
 from scanner.gate.app import App
+from scanner.gate.door import DoorError
 from scanner.gate.lists import ListError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, lambda _s, _f: app.request_reload())
     try:
         return app.run(stop)
-    except ListError as exc:
+    except (ListError, DoorError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_RUNTIME
     except Exception:

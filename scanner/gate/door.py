@@ -68,6 +68,10 @@ class Admission:
     passback: tuple[str, bytes] | None = field(default=None, repr=False)
 
 
+class DoorError(RuntimeError):
+    """A door input cannot be read (pin in use, no permission): names the key and the pin."""
+
+
 class Recorder(Protocol):
     """What the door asks the gate to commit (:class:`scanner.gate.pipeline.Gate`).
 
@@ -211,22 +215,25 @@ class Door:
             FIRE: (config.fire_pin, True),
             TAMPER: (config.tamper_pin, config.tamper_contact == "nc"),
         }
-        try:
-            for name, (pin, nc) in senses.items():
-                if pin is not None:
-                    self.inputs[name] = Input(
-                        name,
-                        pin,
-                        normally_closed=nc,
-                        pull_up=config.pull_up,
-                        debounce_s=config.debounce_s,
-                        pin_factory=pin_factory,
-                        on_change=self._changed,
-                    )
-        except BaseException:
-            for made in self.inputs.values():
-                made.close()
-            raise
+        for name, (pin, nc) in senses.items():
+            if pin is None:
+                continue
+            try:
+                self.inputs[name] = Input(
+                    name,
+                    pin,
+                    normally_closed=nc,
+                    pull_up=config.pull_up,
+                    debounce_s=config.debounce_s,
+                    pin_factory=pin_factory,
+                    on_change=self._changed,
+                )
+            except Exception as exc:
+                for made in self.inputs.values():
+                    made.close()
+                raise DoorError(
+                    f"door.{name}_pin: pin {pin} cannot be read: {type(exc).__name__}: {exc}"
+                ) from exc
         now = time.monotonic()
         fire = self.inputs.get(FIRE)
         if fire is not None and fire.active:

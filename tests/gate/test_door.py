@@ -18,6 +18,7 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
+from gpiozero import DigitalInputDevice
 
 from scanner import events
 from scanner.central.monitor import Monitor
@@ -25,7 +26,7 @@ from scanner.config import from_table
 from scanner.gate import lists, relay_off
 from scanner.gate.app import App
 from scanner.gate.camera import CameraError
-from scanner.gate.door import Door
+from scanner.gate.door import Door, DoorError
 from scanner.gate.outbox import Outbox
 from scanner.gate.pipeline import Alarms
 from scanner.gate.signals import Signals
@@ -582,6 +583,18 @@ def on_and_off_times(pin: Any) -> tuple[list[float], list[float]]:
         if not s[i].state and s[i + 1].state:
             gaps.append(s[i + 1].timestamp)
     return ons, gaps
+
+
+def test_a_door_input_that_cannot_be_read_stops_the_start_with_its_key_and_the_relay_off(tmp_path, factory):
+    cfg = make_config(tmp_path, door={"exit_pin": EXIT, "fire_pin": FIRE})
+    squatter = DigitalInputDevice(FIRE, pin_factory=factory)  # another program holds the pin
+    try:
+        with pytest.raises(DoorError, match=r"door\.fire_pin: pin 6 cannot be read"):
+            App(cfg, pin_factory=factory, source=HeldSource()).run(threading.Event())
+    finally:
+        squatter.close()
+    assert states(factory, cfg.gpio.relay_pin) == [False]
+    assert factory.pin(EXIT).function == "input" and factory.pin(EXIT).when_changed is None  # released
 
 
 def test_door_keys_are_checked_with_the_rest_of_the_config(tmp_path):
