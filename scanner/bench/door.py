@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import tempfile
 import threading
@@ -195,10 +196,13 @@ def main(args: argparse.Namespace) -> int:
     figures: dict[str, Any] = {
         "what": "edge on a mock input → the relay's mock pin, while the daemon decodes 640x480 frames",
         "goal_p99_ms": GOAL_P99_MS,
+        # The tail is the scheduler's: on a shared machine, read it next to the load.
+        "host": {"cpus": os.cpu_count(), "load_1m_before": round(os.getloadavg()[0], 2)},
     }
     with tempfile.TemporaryDirectory(prefix="gate-bench-door-") as tmp:
         for isolate in (False, True):
             workdir = Path(tmp) / ("isolated" if isolate else "in_process")
             figures[workdir.name] = bench_door(args.samples, isolate=isolate, workdir=workdir)
+    figures["host"]["load_1m_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(figures, indent=2))
     return EXIT_OK
