@@ -42,6 +42,7 @@ BENCHES: Table = {
     "occupancy": Command(
         "scanner.bench.occupancy", "3 gates on one broker: an entry to every sibling's count; the cap's cost"
     ),
+    "door": Command("scanner.bench.door", "exit button and fire input to the relay while decoding"),
     "soak": Command(
         "scanner.bench.soak", "random broker/collector/daemon kills for N minutes, then a report"
     ),

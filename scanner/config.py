@@ -269,6 +269,70 @@ def site_timezone(text: str) -> tzinfo:
 
 
 @dataclass(frozen=True, slots=True)
+class DoorConfig:
+    """The door's inputs (README: The door). Each is off until its pin is set."""
+
+    passage_pin: int | None = _opt(
+        None,
+        "BCM pin of the door contact or turnstile rotation sensor; set: accepted entries nobody"
+        " passes through are annulled, passages nobody was let through are forced",
+        min=0,
+        max=53,
+    )
+    passage_contact: Literal["nc", "no"] = _opt(
+        "nc",
+        "nc: the contact is closed while the door is shut (a reed contact); no: it closes while"
+        " someone passes (a turnstile's rotation contact)",
+    )
+    exit_pin: int | None = _opt(None, "BCM pin of the request-to-exit button", min=0, max=53)
+    exit_contact: Literal["no", "nc"] = _opt("no", "no: the button closes its contact when pressed")
+    fire_pin: int | None = _opt(
+        None,
+        "BCM pin of the fire panel's alarm contact, always normally closed: open (fire, or a cut"
+        " wire) holds the door released",
+        min=0,
+        max=53,
+    )
+    tamper_pin: int | None = _opt(None, "BCM pin of the enclosure's tamper switch", min=0, max=53)
+    tamper_contact: Literal["nc", "no"] = _opt(
+        "nc", "nc: the switch is closed while the enclosure is shut, so a cut wire reads as tamper"
+    )
+    pull_up: bool = _opt(
+        True,
+        "true: contacts switch to GND, internal pull-up; false: contacts switch to 3.3 V, internal pull-down",
+    )
+    debounce_s: float = _opt(
+        0.02,
+        "a change acts at once; further changes within this time are contact bounce, and the"
+        " level is read again when it ends",
+        min=0.0,
+        max=1.0,
+    )
+    passage_timeout_s: float = _opt(
+        10.0,
+        "an accepted entry not followed by a passage within this time is annulled",
+        min=0.5,
+        max=600.0,
+    )
+    door_held_open_s: float = _opt(
+        30.0,
+        "the passage input active longer than this raises door_held_open (0 = never)",
+        min=0.0,
+        max=86_400.0,
+    )
+
+    def pins(self) -> dict[str, int]:
+        """Configured input name → BCM pin."""
+        named = {
+            "passage_pin": self.passage_pin,
+            "exit_pin": self.exit_pin,
+            "fire_pin": self.fire_pin,
+            "tamper_pin": self.tamper_pin,
+        }
+        return {name: pin for name, pin in named.items() if pin is not None}
+
+
+@dataclass(frozen=True, slots=True)
 class MqttConfig:
     host: str = _opt("localhost", "broker host name or address")
     port: int = _opt(1883, "broker port", min=1, max=65535)
@@ -361,6 +425,7 @@ class Config:
     dcc: DccConfig = field(default_factory=DccConfig)
     gpio: GpioConfig = field(default_factory=GpioConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
+    door: DoorConfig = field(default_factory=DoorConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
@@ -451,16 +516,22 @@ def _cross_checks(c: Config) -> list[str]:
             f"gpio.relay_pulse_s: {c.gpio.relay_pulse_s} exceeds gpio.relay_max_on_s {c.gpio.relay_max_on_s}"
         )
     pins = {
-        "relay_pin": c.gpio.relay_pin,
-        "green_pin": c.gpio.green_pin,
-        "red_pin": c.gpio.red_pin,
-        "buzzer_pin": c.gpio.buzzer_pin,
+        "gpio.relay_pin": c.gpio.relay_pin,
+        "gpio.green_pin": c.gpio.green_pin,
+        "gpio.red_pin": c.gpio.red_pin,
+        "gpio.buzzer_pin": c.gpio.buzzer_pin,
+        **{f"door.{name}": pin for name, pin in c.door.pins().items()},
     }
     seen: dict[int, str] = {}
     for name, pin in pins.items():
         if pin in seen:
-            problems.append(f"gpio.{name}: pin {pin} is already used by gpio.{seen[pin]}")
+            problems.append(f"{name}: pin {pin} is already used by {seen[pin]}")
         seen.setdefault(pin, name)
+    if c.door.passage_pin is not None and c.door.passage_timeout_s < c.gpio.relay_pulse_s:
+        problems.append(
+            f"door.passage_timeout_s: {c.door.passage_timeout_s} is shorter than gpio.relay_pulse_s "
+            f"{c.gpio.relay_pulse_s}: entries would be annulled while the door is still open for them"
+        )
     if c.mqtt.tls and c.mqtt.ca_file is None:
         problems.append("mqtt.ca_file: required when mqtt.tls = true (verification is never skipped)")
     if (c.mqtt.cert_file is None) != (c.mqtt.key_file is None):

@@ -155,6 +155,7 @@ def to_json(event: CheckinEvent) -> bytes:
     fields = asdict(event)
     flags = fields.pop("flags")
     occupancy = fields.pop("occupancy")
+    annuls = fields.pop("annuls")
     credential = {
         "type": fields.pop("credential_type"),
         "subject": fields.pop("subject"),
@@ -170,6 +171,8 @@ def to_json(event: CheckinEvent) -> bytes:
         document["flags"] = list(flags)
     if occupancy is not None:
         document["occupancy"] = {"inside": occupancy}
+    if annuls is not None:
+        document["annuls"] = annuls
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 

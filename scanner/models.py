@@ -48,6 +48,9 @@ class CredentialType(StrEnum):
     CCCD = "cccd"
     PLAIN = "plain"
     UNKNOWN = "unknown"
+    # No payload behind them: the door's own events (README: Entries, exits, the door and corrections).
+    EXIT_BUTTON = "exit_button"  # the door opened from inside
+    NONE = "none"  # a passage nobody was let through (forced door, tailgating)
 
 
 class Reason(StrEnum):
@@ -69,10 +72,10 @@ class Reason(StrEnum):
     CAPACITY_FULL = "capacity_full"
     STALE_TRUST_DATA = "stale_trust_data"
     # Events that are not a scan's decision (README: Entries, exits, the door and corrections).
-    NO_PASSAGE = "no_passage"
-    EXIT_REQUEST = "exit_request"
-    FORCED_PASSAGE = "forced_passage"
-    OCCUPANCY_SET = "occupancy_set"
+    NO_PASSAGE = "no_passage"  # decision "annulled": an accepted event nobody passed through
+    EXIT_REQUEST = "exit_request"  # the exit button opened the door from inside
+    FORCED_PASSAGE = "forced_passage"  # a passage with no accept and no exit button before it
+    OCCUPANCY_SET = "occupancy_set"  # an operator set the site's count
     # The gate itself cannot record the check-in (outbox unwritable or full): fail secure.
     DEVICE_FAULT = "device_fault"
 
@@ -134,3 +137,4 @@ class CheckinEvent:
     valid_until: str | None = None
     flags: tuple[str, ...] = ()
     occupancy: int | None = None  # with reason occupancy_set: the inside count an operator set
+    annuls: str | None = None  # with decision "annulled": the event_id of the accepted event it annuls

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
-from gpiozero.pins.mock import MockFactory
+from gpiozero.pins.mock import MockFactory, MockPin
 
 from scanner import config as config_mod
 from scanner import events
@@ -155,6 +155,56 @@ class HeldSource:
 
     def close(self) -> None:
         pass
+
+
+# --- door inputs on mock pins ----------------------------------------------------------------
+
+
+class ContactPin(MockPin):
+    """A mock input wired to a dry contact: while the contact is closed it holds the pin at the
+    rail opposite its pull (GND under a pull-up), whatever the pull says; open, the pull wins.
+    A plain MockPin jumps to its pull's level when a device sets the pull, which would make a
+    normally-closed input read "open" at start."""
+
+    def __init__(self, factory: MockFactory, info: Any) -> None:
+        self.contact_closed = False
+        super().__init__(factory, info)
+
+    def _change_state(self, value: bool) -> bool:
+        if self.contact_closed and self._function == "input":
+            value = self._pull == "down"
+        return super()._change_state(value)
+
+    def close_contact(self) -> None:
+        self.contact_closed = True
+        if self._pull == "down":
+            self.drive_high()
+        else:
+            self.drive_low()
+
+    def open_contact(self) -> None:
+        self.contact_closed = False
+        if self._pull == "up":
+            self.drive_high()
+        elif self._pull == "down":
+            self.drive_low()
+
+    def set_contact(self, closed: bool) -> None:
+        if closed:
+            self.close_contact()
+        else:
+            self.open_contact()
+
+
+class ContactFactory(MockFactory):
+    """MockFactory whose pins are :class:`ContactPin`: ``contact(pin)`` to wire and drive one."""
+
+    def __init__(self) -> None:
+        super().__init__(pin_class=ContactPin)
+
+    def contact(self, number: int) -> ContactPin:
+        pin: ContactPin = self.pin(number)
+        return pin
 
 
 # --- operator commands -----------------------------------------------------------------------

@@ -101,11 +101,19 @@ _Row = TypeVar("_Row")
 
 
 @functools.cache
+def _schema() -> Any:
+    return json.loads(schema_path().read_text(encoding="utf-8"))
+
+
 def _credential_types() -> frozenset[str]:
     """From the shipped JSON Schema, so a type added there (e.g. ``operator``) is accepted here."""
+    return frozenset(_schema()["properties"]["credential"]["properties"]["type"]["enum"])
 
-    schema = json.loads(schema_path().read_text(encoding="utf-8"))
-    return frozenset(schema["properties"]["credential"]["properties"]["type"]["enum"])
+
+def _decisions() -> frozenset[str]:
+    """From the shipped JSON Schema: an ``annulled`` event (the door saw nobody pass) is stored
+    like any other, so whoever counts can leave out the entry it names."""
+    return frozenset(_schema()["properties"]["decision"]["enum"])
 
 
 class InvalidEvent(ValueError):
@@ -197,7 +205,7 @@ def parse_event(topic: str, payload: bytes, prefix: str) -> StoredEvent:
         datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ")  # 2026-13-45 fits the pattern, not timestamptz
     except ValueError:
         raise InvalidEvent("ts: not a valid time") from None
-    decision = text("decision", choices=("accepted", "rejected"))
+    decision = text("decision", choices=_decisions())
     # A code, not free text: a newer gate's new reason still passes, prose does not.
     reason = text("reason", _REASON)
     seq = doc.get("seq")

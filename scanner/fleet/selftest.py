@@ -11,9 +11,14 @@ the safe default: it is in no gate's trust store, so the card can never open a g
 self-test still verifies it when given ``--card-key OUT.pub.json``. The decode check never
 runs the card through the gate's policy: a read card never drives the relay.
 
+Each configured door input (``[door]``) asks the technician to press the exit button, open
+the door, trip the tamper switch and the fire input, and PASSes on the edge it waits for; a
+fire input that already reads fire (the panel in alarm, or a cut wire) FAILs at once.
+
 ``--simulate`` replaces the hardware with replayed frames (a test card scene rendered by
-:mod:`scanner.sim.synth`), gpiozero mock pins and, when the configured broker is unreachable, a
-private mosquitto, so the same code runs on any machine (the arm64 proof runs it).
+:mod:`scanner.sim.synth`), gpiozero mock pins (the door's contacts driven by the self-test
+itself) and, when the configured broker is unreachable, a private mosquitto, so the same code
+runs on any machine (the arm64 proof runs it).
 
 Not done here: publishing the result in the retained ``status`` topic; the daemon owns that
 topic, and the self-test runs while the daemon is stopped.
@@ -62,11 +67,13 @@ from scanner.fleet.passes import PUB_FILE, default_kid
 from scanner.gate import health
 from scanner.gate.camera import CameraError, open_source
 from scanner.gate.decode import Decoder
+from scanner.gate.door import Input
 from scanner.gate.health import clock_synced
 from scanner.gate.signals import PinFactoryError, Signals, make_pin_factory
 from scanner.gate.telemetry import ThrottleReader, cpu_temp_c, disk_free_bytes
 from scanner.mqtt import secure
 from scanner.sim import synth
+from scanner.sim.contact import SimulatedContact
 from scanner.sim.localbroker import BrokerError, LocalBroker
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -78,6 +85,7 @@ DISK_WARN, DISK_FAIL = 500 * 2**20, 50 * 2**20
 CERT_WARN_DAYS = 30
 TEMP_WARN_C, TEMP_FAIL_C = 80.0, 85.0  # the Pi firmware starts capping the clock at 80 °C
 BROKER_TIMEOUT_S = 8.0
+DOOR_TIMEOUT_S = 30.0  # per input: time to walk to the door, the button or the panel
 CARD_YEARS = 5
 
 Status = Literal["PASS", "WARN", "FAIL"]
@@ -297,6 +305,141 @@ def check_signals(config: Config, pin_factory: Any, *, say: Callable[[str], None
         f"relay pin {gpio.relay_pin} pulsed, green {gpio.green_pin}, red {gpio.red_pin},"
         f" buzzer {gpio.buzzer_pin} driven (if you did not see/hear it: check wiring, relay_active_high)",
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DoorInput:
+    """How the self-test names, asks for and explains one door input."""
+
+    key: str  # door.<key>_pin
+    name: str
+    ask: str  # what the technician does to make it active
+    seen: str  # what the PASS line says was seen
+    rest: str  # what puts it back at rest
+    contact: str  # the door.*_contact key, or "" (fire: always normally closed)
+
+
+DOOR_INPUTS = (
+    DoorInput("exit", "exit button", "press the exit button", "pressed", "release it", "exit_contact"),
+    DoorInput(
+        "passage",
+        "passage",
+        "open the door (or turn the turnstile)",
+        "door opened (turnstile turned)",
+        "shut the door",
+        "passage_contact",
+    ),
+    DoorInput(
+        "tamper",
+        "tamper",
+        "open the enclosure (trip the tamper switch)",
+        "tamper switch tripped",
+        "shut the enclosure",
+        "tamper_contact",
+    ),
+    DoorInput(
+        "fire",
+        "fire",
+        "trip the fire input (the panel's test, or open its loop)",
+        "fire input tripped",
+        "reset the panel",
+        "",
+    ),
+)
+
+
+def check_door(
+    config: Config,
+    pin_factory: Any,
+    *,
+    say: Callable[[str], None],
+    simulate: bool = False,
+    timeout: float = DOOR_TIMEOUT_S,
+) -> Iterator[Check]:
+    """One check per configured door input, as each ends: PASS when it goes active (the edge
+    the technician makes), FAIL otherwise.
+
+    With ``simulate`` the pins are mock pins and the self-test moves the contacts itself."""
+    for spec in DOOR_INPUTS:
+        pin = getattr(config.door, f"{spec.key}_pin")
+        if pin is not None:
+            yield _check_input(config, spec, pin, pin_factory, say, simulate, timeout)
+
+
+def _check_input(
+    config: Config,
+    spec: DoorInput,
+    pin: int,
+    pin_factory: Any,
+    say: Callable[[str], None],
+    simulate: bool,
+    timeout: float,
+) -> Check:
+    door = config.door
+    nc = spec.contact == "" or getattr(door, spec.contact) == "nc"
+    wiring = (
+        f"check the wires from pin {pin} to the contact and {'GND' if door.pull_up else '3.3 V'},"
+        " door.pull_up" + (f" and door.{spec.contact}" if spec.contact else "")
+    )
+    changed = threading.Condition()
+
+    def on_change(_input: Input, _active: bool, _at: float) -> None:
+        with changed:
+            changed.notify_all()
+
+    try:
+        made = Input(
+            spec.name,
+            pin,
+            normally_closed=nc,
+            pull_up=door.pull_up,
+            debounce_s=door.debounce_s,
+            pin_factory=pin_factory,
+            on_change=on_change,
+        )
+    except Exception as exc:  # busy pin, no permission: the same advice as for the outputs
+        return Check("FAIL", spec.name, f"cannot read pin {pin}: {type(exc).__name__}: {exc}", wiring)
+    try:
+        contact = None
+        if simulate:
+            contact = SimulatedContact(pin_factory.pin(pin), pull_up=door.pull_up, normally_closed=nc)
+        if contact is not None:
+            contact.rest()
+        if made.active and spec.key == "fire":
+            return Check(
+                "FAIL",
+                spec.name,
+                f"pin {pin} reads fire now: the panel is in alarm or its loop is open (a cut wire)",
+                "the panel's contact must be closed while there is no fire; " + wiring,
+            )
+        if made.active:
+            say(f"door: {spec.name} (pin {pin}) is active now: {spec.rest} first")
+            _wait_level(made, changed, False, timeout)
+        say(f"door: {spec.ask} now (within {timeout:.0f} s)")
+        if contact is not None:
+            contact.activate()
+        seen = _wait_level(made, changed, True, timeout)
+        if contact is not None:
+            contact.rest()
+    finally:
+        made.close()
+    if not seen:
+        return Check("FAIL", spec.name, f"pin {pin}: no change within {timeout:.0f} s", wiring)
+    return Check("PASS", spec.name, f"pin {pin}: {spec.seen}")
+
+
+def _wait_level(made: Input, changed: threading.Condition, active: bool, timeout: float) -> bool:
+    """Wait for the input to read ``active``, reading it again at the end of each debounce
+    window as the daemon's door thread does."""
+    deadline = time.monotonic() + timeout
+    with changed:
+        while made.active != active:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            changed.wait(min(left, 0.05))
+            made.recheck(time.monotonic())
+    return True
 
 
 def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
@@ -588,6 +731,7 @@ def run_selftest(
     say: Callable[[str], None] | None = None,
     camera_s: float = CAMERA_S,
     unattended: bool = False,
+    door_timeout_s: float = DOOR_TIMEOUT_S,
 ) -> list[Check]:
 
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -622,12 +766,18 @@ def run_selftest(
             record(
                 Check("WARN", "signals", "skipped (--unattended)", "run it at the gate to see and hear them")
             )
+            if config.door.pins():
+                record(
+                    Check("WARN", "door", "skipped (--unattended)", "run it at the gate to trip each input")
+                )
         elif factory is None:
             record(check_decode(config, camera.frames, trust))
             record(Check("FAIL", "signals", pin_error, "run on the Pi, or set gpio.pin_factory"))
         else:
             record(check_decode(config, camera.frames, trust))
             record(check_signals(config, factory, say=say))
+            for check in check_door(config, factory, say=say, simulate=simulate, timeout=door_timeout_s):
+                record(check)
         if broker_note.startswith("no broker"):
             record(Check("WARN", "broker", broker_note, "install mosquitto to simulate the broker"))
         else:

@@ -27,6 +27,7 @@ from scanner.gate.camera import FrameSource, open_source
 from scanner.gate.camera.slot import LatestFrameSlot
 from scanner.gate.camera.watchdog import CameraSupervisor
 from scanner.gate.decode import Decoder
+from scanner.gate.door import Door
 from scanner.gate.occupancy import STATE_KEY, Occupancy
 from scanner.gate.outbox import Outbox, OutboxError
 from scanner.gate.pipeline import Alarms, Clock, Gate, SystemClock, show_fault
@@ -75,6 +76,7 @@ class App:
         self.camera_state = "starting"
         self.started_at = datetime.now(UTC)
         self.gate: Gate | None = None
+        self.door: Door | None = None
         self._last_frame = 0.0
         self._camera_down_since: float | None = None  # monotonic; first failure of the current outage
         self._last_tick = 0.0
@@ -132,6 +134,7 @@ class App:
             worker_failures=self._decoder.worker_failures if self._decoder is not None else 0,
             reconnects=self._publisher.reconnects if self._publisher is not None else 0,
             occupancy=self.occupancy.snapshot() if self.occupancy is not None else None,
+            door=self.door.counters() if self.door is not None else None,
             remember=remember,
         )
 
@@ -204,24 +207,38 @@ class App:
         try:
             # Signals first: constructing them drives the relay off before anything else can fail.
             with Signals(config.gpio, pin_factory=pin_factory) as signals:
-                # Check-ins are personal data: the state directory is readable by the daemon alone.
-                config.storage.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                outbox = Outbox(config.storage.dir / "outbox.db", config.storage.outbox_max_events)
-                if outbox.quarantined is not None:
-                    # The gate runs on a fresh outbox; the lost events show as a seq gap at the collector.
-                    self.alarms.raise_(
-                        "outbox_quarantined",
-                        f"the outbox was corrupt and moved to {outbox.quarantined.name}; "
-                        "its unsent check-ins are lost (a seq gap at the collector)",
+                # The door next, before anything slow: the exit button and the fire input work
+                # while the lists load and the decoder starts, and whatever else fails.
+                if config.door.pins():
+                    self.door = Door(
+                        config.door, signals=signals, alarms=self.alarms, pin_factory=pin_factory
                     )
                 try:
-                    return self._run_with(signals, outbox, stop)
+                    # Check-ins are personal data: the state directory is readable by the daemon alone.
+                    config.storage.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    outbox = Outbox(config.storage.dir / "outbox.db", config.storage.outbox_max_events)
+                    if outbox.quarantined is not None:
+                        # The gate runs on a fresh outbox; the lost events show as a seq gap at the collector.
+                        self.alarms.raise_(
+                            "outbox_quarantined",
+                            f"the outbox was corrupt and moved to {outbox.quarantined.name}; "
+                            "its unsent check-ins are lost (a seq gap at the collector)",
+                        )
+                    try:
+                        return self._run_with(signals, outbox, stop)
+                    finally:
+                        signals.relay_off()
+                        self._close_door()  # before the outbox it records into
+                        outbox.close()
                 finally:
-                    signals.relay_off()
-                    outbox.close()
+                    self._close_door()  # also when the outbox could not be opened
         finally:
             if self._pin_factory is None:  # ours to close; an injected factory belongs to the caller
                 pin_factory.close()
+
+    def _close_door(self) -> None:
+        if self.door is not None:
+            self.door.close()
 
     def _run_with(self, signals: Signals, outbox: Outbox, stop: threading.Event) -> int:
         config = self.config
@@ -268,7 +285,10 @@ class App:
             on_committed=lambda: self._committed(publisher),
             clock_synced=self._clock_synced,
             occupancy=occupancy,
+            on_admitted=self.door.admitted if self.door is not None else lambda _admission: None,
         )
+        if self.door is not None:
+            self.door.attach(gate)
         self._verifier = commands.Verifier(config, operator_keys, started=self._clock.now())
         self._handler = commands.CommandHandler(
             config,
@@ -311,6 +331,7 @@ class App:
             finished = self._pipeline(gate, slot, signals, stop)
         finally:
             signals.relay_off()  # first: what follows may take seconds (joins, camera close)
+            self._close_door()  # no exit press or fire edge energises it again
             capture_stop.set()
             telemetry_thread.join(timeout=2)
             commands_thread.join(timeout=2)

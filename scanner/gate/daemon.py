@@ -13,6 +13,7 @@ from pathlib import Path
 
 from scanner.console import EXIT_RUNTIME, EXIT_USAGE, load_or_report, setup_logging, stop_on_signals
 from scanner.gate.app import App
+from scanner.gate.door import DoorError
 from scanner.gate.preflight import CannotStart
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ def main(args: argparse.Namespace) -> int:
     except CannotStart as exc:
         for problem in exc.problems:
             log.error("cannot start: %s", problem)
+        return EXIT_RUNTIME
+    except DoorError as exc:
+        log.error("cannot start: %s", exc)
         return EXIT_RUNTIME
     except Exception:
         # App.run has already driven the relay off on its way out (context managers).

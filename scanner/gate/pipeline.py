@@ -2,9 +2,14 @@
 
 :class:`Gate` owns the order that is the gate's safety promise: the event is durable in the
 outbox before the relay moves, so nobody enters without a record; when the record cannot be
-written the scan is rejected and the gate shows its fault pattern. :class:`Alarms` is the set
-of named faults the retained ``status`` carries. Nothing here starts a thread or opens a
-device: the composition root (:mod:`scanner.gate.app`) builds these and drives them.
+written the scan is rejected and the gate shows its fault pattern. The one exception is the
+exit button, which opens first and records after (:mod:`scanner.gate.door`): nobody is ever
+locked in. :class:`Alarms` is the set of named faults the retained ``status`` carries.
+Nothing here starts a thread or opens a device: the composition root (:mod:`scanner.gate.app`)
+builds these and drives them.
+
+Every event goes through :meth:`Gate._commit`, from the pipeline thread (scans, remote opens)
+and from the door thread (exit button, forced passage, annulment), one at a time.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from scanner.config import Config
 from scanner.credentials.dcc import DccRules
 from scanner.gate import health, lists, policy, telemetry
 from scanner.gate.decode import Decoder
+from scanner.gate.door import Admission
 from scanner.gate.occupancy import STATE_KEY, Occupancy
 from scanner.gate.outbox import Outbox, OutboxError
 from scanner.gate.signals import Signals
 from scanner.gate.track import PresenceTracker
-from scanner.models import CheckinEvent, Decision, Frame, Reason
+from scanner.models import CheckinEvent, CredentialType, Decision, Frame, Reason
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +114,7 @@ class Gate:
         alarms: Alarms,
         trust: lists.TrustData | None = None,
         on_committed: Callable[[], None] = lambda: None,
+        on_admitted: Callable[[Admission], None] = lambda _admission: None,
         clock_synced: Callable[[], bool] = health.clock_synced,
         occupancy: Occupancy | None = None,
     ) -> None:
@@ -122,14 +129,15 @@ class Gate:
         self._clock = clock
         self._alarms = alarms
         self._on_committed = on_committed
+        self._on_admitted = on_admitted
         self._clock_synced = clock_synced
         self._ids = events.Uuid7()
         # Scans (pipeline thread) and operator commands (commands thread) decide and commit
-        # one at a time: each sees the other's anti-passback record, count and counters.
+        # one at a time: each sees the other's anti-passback record and the site's count.
         self._lock = threading.Lock()
         # Every event passes _commit, whatever thread makes it (a scan, a command, the door):
-        # one at a time, so the count staged with an event is the count it is committed with.
-        # Taken inside _lock where both are held.
+        # one at a time, so the count staged with an event is the count it is committed with,
+        # and whatever a commit sets off sees the events in seq order. Taken inside _lock.
         self._commit_lock = threading.Lock()
         self.occupancy = occupancy or Occupancy(
             config,
@@ -140,6 +148,8 @@ class Gate:
             alarms=alarms,
         )
         self._last_accept: dict[bytes, float] = {}
+        self._passback_lock = threading.Lock()  # the door thread forgets what an annulment undid
+        self._count_lock = threading.Lock()
         self.reasons: Counter[str] = Counter()
         # Telemetry, read by the telemetry thread: plain counters and a bounded ring (one
         # append per frame), so measuring costs the pipeline nothing it would notice.
@@ -179,7 +189,8 @@ class Gate:
         # plain code, or two passes of one subject, are the same person twice.
         passback_key = credential.identity
         now_mono = self._clock.monotonic()
-        last = self._last_accept.get(passback_key) if credential.identity else None
+        with self._passback_lock:
+            last = self._last_accept.get(passback_key) if credential.identity else None
         decision = policy.decide(
             credential,
             subject=subject,
@@ -191,12 +202,14 @@ class Gate:
         )
         synced = self._clock_synced()
         device = self._config.device
+        made: list[str] = []
 
         def build(seq: int, _created: str) -> bytes:
+            made.append(self._ids.new(int(scanned_at.timestamp() * 1000)))
             event = events.build_event(
                 decision,
                 seq=seq,
-                event_id=self._ids.new(int(scanned_at.timestamp() * 1000)),
+                event_id=made[-1],
                 device=device.id,
                 site=device.site,
                 direction=device.direction,
@@ -210,16 +223,27 @@ class Gate:
             seq = self._commit(build)
         except OutboxError as exc:
             self._signals.rejected()
-            self.reasons["device_fault"] += 1
+            self._count(Reason.DEVICE_FAULT)
             log.error("scan rejected: the check-in could not be recorded (%s); gate fails secure", exc)
             return Outcome(Decision(False, Reason.DEVICE_FAULT, credential, str(exc)), None)
         # Only now, with the record durable, may the door open.
         if decision.accepted:
+            remembered = self._remember_accept(passback_key, now_mono)
+            # Before the relay moves: the passage it lets through must find its admission.
+            self._on_admitted(
+                Admission(
+                    made[-1],
+                    device.direction,
+                    str(credential.type),
+                    subject,
+                    credential.issuer,
+                    passback_key if remembered else None,
+                )
+            )
             self._signals.accepted()
-            self._remember_accept(passback_key, now_mono)
         else:
             self._signals.rejected()
-        self.reasons[decision.reason] += 1
+        self._count(decision.reason)
         log.info(
             "seq=%d %s reason=%s type=%s%s%s",
             seq,
@@ -240,22 +264,25 @@ class Gate:
         committed the gate stays shut and shows its fault, exactly as for a scan.
         """
         with self._lock:
-            return self._remote_open_locked(kid)
-
-    def _remote_open_locked(self, kid: str) -> tuple[bool, str]:
-        rules = self._rules
-        # The operator's word beats the cap, but the record says the site was full.
-        full = rules.capacity > 0 and rules.direction == "in" and self.occupancy.inside() >= rules.capacity
-        build = self._operator_event(kid, Reason.OK, flags=(policy.OVER_CAPACITY_FLAG,) if full else ())
-        try:
-            seq = self._commit(build)
-        except OutboxError as exc:
-            log.error("remote open refused: it could not be recorded (%s); gate stays shut", exc)
-            return False, f"the open could not be recorded ({exc}); the gate stays shut"
-        self._signals.accepted()  # only now, with the record durable
-        self.reasons[Reason.OK] += 1
+            rules = self._rules
+            direction = self._config.device.direction
+            # The operator's word beats the cap, but the record says the site was full.
+            full = rules.capacity > 0 and direction == "in" and self.occupancy.inside() >= rules.capacity
+            try:
+                seq, event_id = self._record(
+                    direction,
+                    "accepted",
+                    Reason.OK,
+                    "operator",
+                    issuer=kid or None,
+                    flags=(policy.OVER_CAPACITY_FLAG,) if full else (),
+                )
+            except OutboxError as exc:
+                log.error("remote open refused: it could not be recorded (%s); gate stays shut", exc)
+                return False, f"the open could not be recorded ({exc}); the gate stays shut"
+            self._on_admitted(Admission(event_id, direction, "operator", issuer=kid or None))
+            self._signals.accepted()  # only now, with the record durable
         log.info("seq=%d accepted reason=ok type=operator (remote open, kid %s)", seq, kid or "-")
-        self._on_committed()
         return True, f"opened; recorded as seq {seq}"
 
     def set_occupancy(self, kid: str, inside: int) -> tuple[bool, str]:
@@ -266,16 +293,19 @@ class Gate:
         difference, which reaches every sibling. No relay moves.
         """
         with self._lock:
-            return self._set_occupancy_locked(kid, inside)
-
-    def _set_occupancy_locked(self, kid: str, inside: int) -> tuple[bool, str]:
-        before = self.occupancy.inside()
-        try:
-            seq = self._commit(self._operator_event(kid, Reason.OCCUPANCY_SET, occupancy=inside))
-        except OutboxError as exc:
-            log.error("occupancy correction refused: it could not be recorded (%s)", exc)
-            return False, f"the correction could not be recorded ({exc}); the count is unchanged"
-        self.reasons[Reason.OCCUPANCY_SET] += 1
+            before = self.occupancy.inside()
+            try:
+                seq, _ = self._record(
+                    self._config.device.direction,
+                    "accepted",
+                    Reason.OCCUPANCY_SET,
+                    "operator",
+                    issuer=kid or None,
+                    occupancy=inside,
+                )
+            except OutboxError as exc:
+                log.error("occupancy correction refused: it could not be recorded (%s)", exc)
+                return False, f"the correction could not be recorded ({exc}); the count is unchanged"
         log.info(
             "seq=%d accepted reason=occupancy_set type=operator (kid %s): %d inside, was %d",
             seq,
@@ -283,38 +313,93 @@ class Gate:
             inside,
             before,
         )
-        self._on_committed()
         return True, f"the site's count is set to {inside} (was {before}); recorded as seq {seq}"
 
-    def _operator_event(
-        self, kid: str, reason: Reason, *, flags: tuple[str, ...] = (), occupancy: int | None = None
-    ) -> Callable[[int, str], bytes]:
-        """An event an operator's signed command makes (no credential scanned)."""
+    # -- the door's events (door thread; scanner.gate.door.Recorder) ------------------------------
+
+    def record_exit(self) -> Admission:
+        """The exit button opened the door from inside (the relay is already on): an exit, with no
+        subject. Raises OutboxError, with the alarm up, when it cannot be recorded."""
+        seq, event_id = self._record("out", "accepted", Reason.EXIT_REQUEST, CredentialType.EXIT_BUTTON)
+        log.info("seq=%d accepted reason=exit_request type=exit_button", seq)
+        return Admission(event_id, "out", str(CredentialType.EXIT_BUTTON))
+
+    def record_forced(self) -> None:
+        """A passage nobody was let through: a forced door, or someone following on another's accept."""
+        direction = self._config.device.direction
+        seq, _ = self._record(direction, "rejected", Reason.FORCED_PASSAGE, CredentialType.NONE)
+        log.warning("seq=%d rejected reason=forced_passage type=none", seq)
+
+    def record_annulment(self, admission: Admission) -> None:
+        """Nobody passed after ``admission``: a new event names it, so nobody counts that entry."""
+        seq, _ = self._record(
+            admission.direction,
+            "annulled",
+            Reason.NO_PASSAGE,
+            admission.credential_type,
+            subject=admission.subject,
+            issuer=admission.issuer,
+            annuls=admission.event_id,
+        )
+        if admission.passback is not None:
+            with self._passback_lock:  # the credential did not get anyone in: it may be shown again
+                self._last_accept.pop(admission.passback, None)
+        log.info(
+            "seq=%d annulled reason=no_passage type=%s annuls=%s",
+            seq,
+            admission.credential_type,
+            admission.event_id,
+        )
+
+    def _record(
+        self,
+        direction: str,
+        decision: str,
+        reason: Reason,
+        credential_type: str,
+        *,
+        subject: str | None = None,
+        issuer: str | None = None,
+        annuls: str | None = None,
+        flags: tuple[str, ...] = (),
+        occupancy: int | None = None,
+    ) -> tuple[int, str]:
+        """Commit an event that no scan produced; (seq, event_id). Raises OutboxError."""
         at = self._clock.now()
         synced = self._clock_synced()
         device = self._config.device
+        made: list[str] = []
 
         def build(seq: int, _created: str) -> bytes:
+            made.append(self._ids.new(int(at.timestamp() * 1000)))
             return events.to_json(
                 CheckinEvent(
-                    event_id=self._ids.new(int(at.timestamp() * 1000)),
+                    event_id=made[-1],
                     seq=seq,
                     device=device.id,
                     site=device.site,
-                    direction=device.direction,
+                    direction=direction,
                     ts=events.utc_ms(at),
                     clock_synced=synced,
-                    decision="accepted",
+                    decision=decision,
                     reason=str(reason),
-                    credential_type="operator",
-                    subject=None,
-                    issuer=kid or None,
+                    credential_type=str(credential_type),
+                    subject=subject,
+                    issuer=issuer,
                     flags=flags,
+                    annuls=annuls,
                     occupancy=occupancy,
                 )
             )
 
-        return build
+        seq = self._commit(build)
+        self._count(reason)
+        self._on_committed()
+        return seq, made[-1]
+
+    def _count(self, reason: str) -> None:
+        with self._count_lock:  # two threads count: a bare += can lose one
+            self.reasons[reason] += 1
 
     def _commit(self, build: Callable[[int, str], bytes]) -> int:
         """Append one event durably and return its seq. On OutboxError the ``outbox`` alarm and
@@ -332,15 +417,17 @@ class Gate:
                     self._alarms.raise_("outbox", f"cannot record check-ins: {exc}")
                 raise
             self.occupancy.committed()
-        if "outbox" in self._alarms.snapshot():
-            self._alarms.clear("outbox")
-            show_fault(self._signals, self._alarms)
-        return seq
+            if "outbox" in self._alarms.snapshot():
+                self._alarms.clear("outbox")
+                show_fault(self._signals, self._alarms)
+            return seq
 
-    def _remember_accept(self, key: bytes, now_mono: float) -> None:
+    def _remember_accept(self, key: bytes, now_mono: float) -> bool:
         window = self._rules.anti_passback_s
         if window <= 0:
-            return
-        self._last_accept[key] = now_mono
-        if len(self._last_accept) > 4096:  # a busy day: forget what is past the window
-            self._last_accept = {k: t for k, t in self._last_accept.items() if now_mono - t < window}
+            return False
+        with self._passback_lock:
+            self._last_accept[key] = now_mono
+            if len(self._last_accept) > 4096:  # a busy day: forget what is past the window
+                self._last_accept = {k: t for k, t in self._last_accept.items() if now_mono - t < window}
+        return True

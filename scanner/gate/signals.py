@@ -17,12 +17,18 @@ Relay rules (README: Relay, LEDs and buzzer):
 
 - Off first: the relay is the first device constructed, with ``initial_value=False``, so the
   first thing this process does to any GPIO is drive the relay off.
-- A pulse is non-blocking; a second accept during a pulse restarts it (people in a queue).
+- A pulse is non-blocking and starts in the caller's thread: the relay is energised before
+  :meth:`Signals.accepted` returns, so the exit button's path to the relay waits for no other
+  thread. A second accept during a pulse restarts it (people in a queue); a passage ends it.
 - No single energising lasts longer than ``relay_max_on_s``. Restarts are clamped to that
   ceiling; when it is reached the relay drops for at least :attr:`Signals.RELAY_GAP_S` (so the
   lock really relatches and a solenoid cools) and a still-pending pulse then continues as a
   new energising with its own ceiling. An independent guard thread that shares no lock with the
   pulse logic forces the relay off at the ceiling even if the pulse logic is stuck.
+- Fire release (:meth:`Signals.set_fire`) holds the relay energised for as long as the fire
+  input is active: the ceiling and its guard yield to it (README: The door says which locks
+  may be used on such a door). :meth:`Signals.relay_off` ends the hold too: a stopping daemon
+  holds nothing, and the fire panel's own release must never depend on this process.
 - Off on ``close()`` (first, before anything else is released) and on any exception leaving a
   ``with Signals(...)`` block; :func:`force_relay_off` covers a crash or SIGKILL via systemd's
   ``ExecStopPost``; on power loss the coil simply has no power.
@@ -121,6 +127,9 @@ class Signals:
     REJECT_RED_S: float = 1.0
     FAULT_ON_S: float = 0.5
     FAULT_OFF_S: float = 1.5
+    # Fire: green and red flash together, a pattern nothing else uses.
+    FIRE_ON_S: float = 0.25
+    FIRE_OFF_S: float = 0.25
     # Shortest off time after an energising was cut at relay_max_on_s: long enough for a
     # strike/maglock to really relatch before a queued pulse energises it again.
     RELAY_GAP_S: float = 0.5
@@ -145,6 +154,8 @@ class Signals:
         self._guard_kick = threading.Event()
         self._guard_stop = threading.Event()
         self.guard_trips = 0
+        # Fire release: read by the guard without a lock (a bool assignment is atomic).
+        self._fire = False
         # Indicator state, guarded by _cond.
         self._fault = False
         self._red_busy_until = 0.0  # a reject pattern owns the red LED until then
@@ -183,16 +194,32 @@ class Signals:
     def faulty(self) -> bool:
         return self._fault
 
+    @property
+    def fire(self) -> bool:
+        return self._fire
+
     def accepted(self) -> None:
-        """Open: relay pulse of ``relay_pulse_s`` (restarted if one is running), green LED, one beep."""
+        """Open: relay pulse of ``relay_pulse_s`` (restarted if one is running), green LED, one beep.
+
+        The relay is energised here, in the caller's thread, unless it must first stay off for
+        :attr:`RELAY_GAP_S` after a cut at the ceiling (then the pulse logic energises it).
+        """
         with self._cond:
             if self._closed:
                 return
             now = time.monotonic()
-            if self._on_since is not None:
-                log.info("relay pulse restarted (%.1f s)", self._pulse_s)
             self._want_until = now + self._pulse_s
+            if self._fire:
+                pass  # already held released; the pulse continues if the fire clears first
+            elif self._on_since is not None:
+                log.info("relay pulse restarted (%.1f s)", self._pulse_s)
+            elif now >= self._hold_off_until:
+                self._on_since = now
+                self._relay_write(True, reason=f" (pulse {min(self._pulse_s, self._ceiling_s):.1f} s)")
             self._cond.notify_all()
+            if self._fire:
+                self._beep(1)  # the fire pattern keeps the LEDs
+                return
             self._show_green(self._pulse_s)
             if self._red_busy_until > now:
                 # The previous person's red light must not stay on while this one walks through.
@@ -213,6 +240,9 @@ class Signals:
             if self._closed:
                 return
             assert self._green is not None and self._red is not None
+            if self._fire:
+                self._beep(3)  # the fire pattern keeps the LEDs
+                return
             self._green.off()
             self._red.blink(on_time=self.REJECT_RED_S, off_time=0, n=1)
             self._red_busy_until = time.monotonic() + self.REJECT_RED_S
@@ -226,14 +256,62 @@ class Signals:
                 return
             self._fault = on
             log.warning("fault indication %s", "on" if on else "off")
+            if self._fire:
+                return  # the fire pattern owns the LEDs; its end shows the fault
             if self._red_busy_until <= time.monotonic():
                 self._red_idle()
             # else: a reject pattern owns the red LED; its restore timer applies the new state.
 
+    def passage_seen(self) -> None:
+        """Someone went through: end the pulse now, so nobody follows on the same opening."""
+        with self._cond:
+            if self._closed:
+                return
+            self._want_until = 0.0
+            if self._fire:
+                return
+            if self._on_since is not None:
+                self._on_since = None
+                self._relay_write(False, reason=" (passage seen)")
+            assert self._green is not None
+            self._green.off()
+            self._cond.notify_all()
+
+    def set_fire(self, on: bool) -> None:
+        """Fire release: hold the relay energised while ``on``, whatever ``relay_max_on_s`` says,
+        with green and red flashing together; back to normal when it ends."""
+        with self._cond:
+            if self._closed or on == self._fire:
+                return
+            assert self._green is not None and self._red is not None
+            if on:
+                self._fire = True  # before energising: the guard must never cut the hold
+                self._on_since = None
+                self._relay_write(True, reason=" (fire: door held released)")
+                self._green.blink(on_time=self.FIRE_ON_S, off_time=self.FIRE_OFF_S)
+                self._red.blink(on_time=self.FIRE_ON_S, off_time=self.FIRE_OFF_S)
+            else:
+                now = time.monotonic()
+                if now < self._want_until:
+                    # An accept during the fire still wants the door: a fresh energising, with
+                    # its own ceiling counted from now.
+                    self._on_since = now
+                    self._relay_write(True, reason="")
+                else:
+                    self._on_since = None
+                    self._relay_write(False, reason=" (fire cleared)")
+                self._fire = False
+                self._guard_kick.set()
+                self._green.off()
+                self._red_busy_until = 0.0
+                self._red_idle()
+            self._cond.notify_all()
+
     def relay_off(self) -> None:
-        """Drop the relay now and cancel any pending pulse."""
+        """Drop the relay now, cancel any pending pulse and end a fire hold."""
         with self._cond:
             self._want_until = 0.0
+            self._fire = False
             self._cond.notify_all()
         self._relay_write(False, reason="")  # also immediately, in case the pulse logic is stuck
 
@@ -294,6 +372,9 @@ class Signals:
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
+                if self._fire:
+                    self._cond.wait(timeout=1.0)  # held; set_fire(False) takes it back
+                    continue
                 if self._on_since is not None:
                     ceiling = self._on_since + self._ceiling_s
                     if now >= self._want_until or now >= ceiling:
@@ -323,7 +404,7 @@ class Signals:
         handled: float | None = None
         while not self._guard_stop.is_set():
             since = self._energised_at
-            if since is None or since == handled:
+            if since is None or since == handled or self._fire:
                 self._guard_kick.wait(timeout=1.0)
                 self._guard_kick.clear()
                 continue
@@ -332,8 +413,8 @@ class Signals:
                 self._guard_kick.wait(timeout=remaining)
                 self._guard_kick.clear()
                 continue
-            if self._energised_at != since:
-                continue  # the pulse logic switched off (and maybe on again) meanwhile
+            if self._energised_at != since or self._fire:
+                continue  # switched off (and maybe on again) meanwhile, or a fire hold began
             try:
                 self._relay.off()
             except Exception:
@@ -378,7 +459,8 @@ class Signals:
                 return
             self._restore_timer = None
             self._red_busy_until = 0.0
-            self._red_idle()
+            if not self._fire:
+                self._red_idle()
 
     def _close_devices(self) -> None:
         # Relay first: it is the only output that can hurt anyone.

@@ -214,6 +214,7 @@ class Sampler:
         worker_failures: int,
         reconnects: int,
         occupancy: dict[str, Any] | None = None,
+        door: Mapping[str, int] | None = None,
         remember: bool = True,
     ) -> dict[str, Any]:
         """One payload. ``remember=False`` (an ad-hoc snapshot) leaves the fps window alone."""
@@ -248,6 +249,7 @@ class Sampler:
             "disk_free_bytes": self._disk_free(self._config.storage.dir),
             "mqtt": {"reconnects": reconnects},
             "occupancy": occupancy,
+            "door": dict(door) if door is not None else None,
         }
 
 
@@ -304,7 +306,8 @@ def ha_discovery(config: Config, version: str) -> list[tuple[str, bytes]]:
                 **common,
                 "name": "Check-in",
                 "state_topic": config.topic("checkin"),
-                "event_types": ["accepted", "rejected"],
+                # annulled: the door saw nobody pass after an accept (scanner/gate/door.py)
+                "event_types": ["accepted", "rejected", "annulled"],
                 "value_template": (
                     '{{ {"event_type": value_json.decision, "reason": value_json.reason} | tojson }}'
                 ),

@@ -65,3 +65,14 @@ def test_bench_occupancy_measures_propagation_and_the_cap_check(tmp_path):
     decision = bench_decision(2000)
     assert decision["decisions_each"] == 2000
     assert decision["decision_us_without_cap"] > 0 and decision["decision_us_with_cap"] > 0
+
+
+def test_bench_door_measures_both_edges_on_a_busy_daemon(tmp_path):
+    from scanner.bench.door import bench_door
+
+    figures = bench_door(10, isolate=True, workdir=tmp_path)
+    assert figures["relay_missed"] == 0
+    assert figures["pipeline_fps_while_measuring"] > 0  # it was decoding meanwhile
+    for key in ("exit_button_to_relay_on_ms", "fire_to_relay_held_ms"):
+        measured = figures[key]
+        assert measured["n"] == 5 and 0 < measured["p50"] <= measured["p99"] <= measured["max"]

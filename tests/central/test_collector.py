@@ -211,6 +211,15 @@ def test_a_gate_event_parses():
     assert parse_event(TOPIC, json.dumps(remote_open).encode(), "gate").credential_type == "operator"
     with pytest.raises(InvalidEvent):
         parse_event(TOPIC, json.dumps(_event(credential={"type": "bogus"})).encode(), "gate")
+    # The door's events: an annulment naming the entry nobody made, the exit button, a forced door.
+    annulled = _event(decision="annulled", reason="no_passage", annuls=events.Uuid7().new())
+    assert parse_event(TOPIC, json.dumps(annulled).encode(), "gate").decision == "annulled"
+    exit_press = _event(direction="out", reason="exit_request", credential={"type": "exit_button"})
+    assert parse_event(TOPIC, json.dumps(exit_press).encode(), "gate").credential_type == "exit_button"
+    forced = _event(decision="rejected", reason="forced_passage", credential={"type": "none"})
+    assert parse_event(TOPIC, json.dumps(forced).encode(), "gate").reason == "forced_passage"
+    with pytest.raises(InvalidEvent):
+        parse_event(TOPIC, json.dumps(_event(decision="maybe")).encode(), "gate")
 
 
 @pytest.mark.parametrize("kind", STORES)

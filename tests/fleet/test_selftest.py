@@ -9,10 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
+from scanner import config as config_mod
 from scanner.cli import main
 from scanner.fleet import selftest
 from scanner.sim import synth
 from scanner.sim.localbroker import free_port
+from tests.helpers import ContactFactory
 
 STATUSES = ("PASS", "WARN", "FAIL")
 
@@ -66,6 +68,55 @@ def test_simulate_passes_or_warns(tmp_path: Path, capsys: pytest.CaptureFixture[
     }
     assert all(s in ("PASS", "WARN") for s in checks.values()), out
     assert checks["decode"] == "PASS" and checks["broker"] == "PASS" and checks["signals"] == "PASS"
+
+
+DOOR = "[door]\nexit_pin = 19\npassage_pin = 5\nfire_pin = 6\ntamper_pin = 13\n"
+
+
+def test_simulate_trips_every_configured_door_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["selftest", "--config", str(write_config(tmp_path, extra=DOOR)), "--simulate"])
+    captured = capsys.readouterr()
+    checks = check_lines(captured.out)
+    assert code == 0, captured.out
+    for name in ("exit button", "passage", "tamper", "fire"):
+        assert checks[name] == "PASS", captured.out
+    # The technician was asked for each, in turn.
+    for ask in ("press the exit button", "open the door", "open the enclosure", "trip the fire input"):
+        assert f"door: {ask}" in captured.err
+
+
+def test_door_inputs_pass_on_the_technicians_edge_and_fail_with_advice(tmp_path: Path) -> None:
+    cfg = config_mod.from_table(
+        {
+            "device": {"id": "g", "site": "s"},
+            "door": {"exit_pin": 19, "passage_pin": 5, "fire_pin": 6, "tamper_pin": 13},
+        }
+    )
+    factory = ContactFactory()
+    door, tamper = factory.contact(5), factory.contact(13)
+    door.close_contact()  # shut
+    tamper.close_contact()  # the technician has the enclosure closed
+    # The fire loop is left open: a cut wire. The exit button is never pressed.
+    technician = {"open the door": door.open_contact, "open the enclosure": tamper.open_contact}
+    asked: list[str] = []
+
+    def say(text: str) -> None:
+        asked.append(text)
+        for ask, act in technician.items():
+            if ask in text:
+                act()
+
+    try:
+        checks = {c.name: c for c in selftest.check_door(cfg, factory, say=say, timeout=0.5)}
+    finally:
+        factory.close()
+    assert checks["passage"].status == "PASS" and checks["tamper"].status == "PASS"
+    assert checks["fire"].status == "FAIL" and "cut wire" in checks["fire"].detail
+    assert checks["exit button"].status == "FAIL"
+    assert "pin 19" in checks["exit button"].advice and "door.exit_contact" in checks["exit button"].advice
+    assert not any("trip the fire input" in text for text in asked)  # it failed before asking
 
 
 def blank_frames(tmp: Path, n: int = 12) -> Path:

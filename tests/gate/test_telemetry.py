@@ -178,7 +178,7 @@ def test_home_assistant_discovery_only_when_enabled(broker, tmp_path: Path, subs
         assert components == ["binary_sensor", "event", "sensor", "sensor", "sensor"]
         event = next(c for t, c in configs.items() if "/event/" in t)
         assert event["state_topic"] == cfg.topic("checkin")
-        assert event["event_types"] == ["accepted", "rejected"]
+        assert event["event_types"] == ["accepted", "rejected", "annulled"]
         assert "subject" not in event["value_template"]  # no personal data, not even the pseudonym
         sensors = [c for t, c in configs.items() if "/sensor/" in t]
         assert all(c["state_topic"] == cfg.topic("health") for c in sensors)
