@@ -13,7 +13,9 @@ import re
 import tomllib
 import types
 import typing
+import zoneinfo
 from dataclasses import MISSING, dataclass, field, fields, replace
+from datetime import timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any, Literal
 
@@ -275,6 +277,30 @@ class CollectorConfig:
         min=0,
         max=604_800,
     )
+    retention_days: int = _opt(
+        28,
+        "check-ins, stays and rejected messages older than this are deleted, every day: tracing needs"
+        " the 14 days before a case fell ill plus the days until the case is reported, and nothing else",
+        min=1,
+        max=3650,
+    )
+    max_stay_h: float = _opt(
+        12.0,
+        "an entry with no exit is closed after this long (or at the day end, if sooner)",
+        min=0.25,
+        max=24.0,
+    )
+    default_stay_min: float = _opt(
+        30.0, "at a site with no exit gates, a stay lasts this long from the entry scan", min=1.0, max=1440.0
+    )
+    day_start: str = _opt(
+        "04:00",
+        "local time at which the sites' day ends and the next begins (entries with no exit close then)",
+        pattern=r"([01][0-9]|2[0-3]):[0-5][0-9]",
+    )
+    timezone: str = _opt(
+        "Asia/Ho_Chi_Minh", "the sites' time zone for day_start: an IANA name or a fixed offset like +07:00"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +330,28 @@ class Config:
 
     def topic(self, leaf: str) -> str:
         return f"{self.mqtt.topic_prefix}/{self.device.site}/{self.device.id}/{leaf}"
+
+
+_OFFSET = re.compile(r"(?:UTC)?([+-])([0-9]{1,2})(?::?([0-9]{2}))?")
+
+
+def time_zone(text: str) -> tzinfo:
+    """An IANA zone name (``Asia/Ho_Chi_Minh``) or a fixed offset (``+07:00``, ``UTC+7``).
+
+    A fixed offset needs no tz database, which a minimal server image may lack; Vietnam has
+    kept UTC+7 without daylight saving since 1975, so both spell the same rule there.
+    """
+    match = _OFFSET.fullmatch(text)
+    if match is not None:
+        sign, hours, minutes = match.groups()
+        offset = timedelta(hours=int(hours), minutes=int(minutes or 0))
+        if offset > timedelta(hours=14):
+            raise ValueError(f"{text!r}: offsets run from -14:00 to +14:00")
+        return timezone(-offset if sign == "-" else offset)
+    try:
+        return zoneinfo.ZoneInfo(text)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{text!r} is neither a known IANA time zone nor an offset like +07:00") from None
 
 
 class ConfigError(Exception):
@@ -406,6 +454,10 @@ def _cross_checks(c: Config) -> list[str]:
             f"camera.stall_timeout_s: {c.camera.stall_timeout_s} is shorter than camera.capture_timeout_s "
             f"{c.camera.capture_timeout_s}: a slow but working read would count as a stall"
         )
+    try:
+        time_zone(c.collector.timezone)
+    except ValueError as exc:
+        problems.append(f"collector.timezone: {exc}")
     source = c.camera.source
     if not (source == "picamera2" or source.startswith(("dir:", "file:", "v4l2:", "rtsp://", "rtsps://"))):
         problems.append(f"camera.source: {source!r} is not picamera2, dir:, file:, v4l2: or rtsp://")

@@ -70,6 +70,8 @@ RECEIVE_MAXIMUM = (
     65535  # MQTT maximum: the broker sends instead of queueing (its queue drops at max_queued_messages)
 )
 
+# accepted/rejected, or annulled: a later event saying an accepted one never passed the door.
+DECISIONS = ("accepted", "rejected", "annulled")
 _UUID7 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 _TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 _SUBJECT = re.compile(r"[0-9a-f]{32}")
@@ -183,7 +185,7 @@ def parse_event(topic: str, payload: bytes, prefix: str) -> StoredEvent:
         datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ")  # 2026-13-45 fits the pattern, not timestamptz
     except ValueError:
         raise InvalidEvent("ts: not a valid time") from None
-    decision = text("decision", choices=("accepted", "rejected"))
+    decision = text("decision", choices=DECISIONS)
     # A code, not free text: a newer gate's new reason still passes, prose does not.
     reason = text("reason", _REASON)
     seq = doc.get("seq")
@@ -197,6 +199,13 @@ def parse_event(topic: str, payload: bytes, prefix: str) -> StoredEvent:
     subject = credential.get("subject")
     if subject is not None and not (isinstance(subject, str) and _SUBJECT.fullmatch(subject)):
         raise InvalidEvent("credential.subject: not a 32-hex-digit pseudonym")
+    # An annulment names the accepted event it takes back; stays leave that event out.
+    annuls = doc.get("annuls")
+    if decision == "annulled":
+        if not (isinstance(annuls, str) and _UUID7.fullmatch(annuls)):
+            raise InvalidEvent("annuls: missing or not an event_id")
+    elif annuls is not None:
+        raise InvalidEvent("annuls: only an annulled event names one")
     return StoredEvent(
         event_id=event_id,
         device=device,
@@ -209,6 +218,7 @@ def parse_event(topic: str, payload: bytes, prefix: str) -> StoredEvent:
         reason=reason,
         credential_type=credential["type"],
         raw=raw,
+        annuls=annuls,
     )
 
 
