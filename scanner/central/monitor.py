@@ -59,6 +59,10 @@ class GateRow:
     clock_synced: bool | None = None
     version: str | None = None
     alarms: list[str] = field(default_factory=list)
+    # Who is inside the gate's site: by the gate's own count (``status.occupancy.inside``,
+    # from gates that count), and by the collector's stays for the site. They should agree.
+    inside_gate: int | None = None
+    inside_stays: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,18 +116,26 @@ class Monitor:
         self.site = site
         self.gates: dict[tuple[str, str], GateRow] = {}
         self.stream: deque[CheckinLine] = deque(maxlen=STREAM_LINES)
+        self.inside_stays: dict[str, int] | None = None  # per site, from the newest collector status
 
     def topics(self) -> list[str]:
-        return [f"{self.prefix}/{self.site or '+'}/+/{leaf}" for leaf in LEAVES]
+        topics = [f"{self.prefix}/{self.site or '+'}/+/{leaf}" for leaf in LEAVES]
+        if self.site is not None:  # with every site, the status subscription already covers it
+            topics.append(f"{self.prefix}/{COLLECTOR_SITE}/+/status")
+        return topics
 
     def handle(self, topic: str, payload: bytes, retained: bool) -> tuple[GateRow | None, CheckinLine | None]:
         parts = topic.split("/")
         if len(parts) != 4 or parts[0] != self.prefix or parts[3] not in LEAVES:
             return None, None
         _, site, device, leaf = parts
-        if site == COLLECTOR_SITE or (self.site is not None and site != self.site):
+        if site == COLLECTOR_SITE:
+            return (self._collector_status(payload), None) if leaf == "status" else (None, None)
+        if self.site is not None and site != self.site:
             return None, None
-        row = self.gates.setdefault((site, device), GateRow(site=site, device=device))
+        row = self.gates.setdefault(
+            (site, device), GateRow(site=site, device=device, inside_stays=self._stays_at(site))
+        )
         if not retained:
             row.last_seen = now_ms()
         line = None
@@ -136,6 +148,8 @@ class Monitor:
                 row.alarms = alarms
             version = body.get("version")
             row.version = str(version) if version is not None else row.version
+            inside = _number(_first(body, "occupancy.inside"))
+            row.inside_gate = int(inside) if inside is not None else row.inside_gate
         elif leaf == "health":
             # scanner/schemas/health-1.json; any field may be missing (older or newer gates).
             body = _json(payload) or {}
@@ -154,6 +168,45 @@ class Monitor:
             if line is None:
                 return None, None
         return row, line
+
+    def _stays_at(self, site: str) -> int | None:
+        return None if self.inside_stays is None else self.inside_stays.get(site, 0)
+
+    def _collector_status(self, payload: bytes) -> GateRow | None:
+        """A collector's count of who is inside each site, set on every gate row of the site.
+
+        A site the status does not name has nobody inside by the stays. Returns one changed
+        row (the table redraws whole), or None when no gate row changed."""
+        body = _json(payload) or {}
+        entries = body.get("occupancy")
+        if not isinstance(entries, list):
+            return None
+        counts: dict[str, int] = {}
+        for entry in entries:
+            if isinstance(entry, dict) and isinstance(entry.get("site"), str):
+                n = _number(entry.get("inside"))
+                if n is not None:
+                    counts[entry["site"]] = int(n)
+        self.inside_stays = counts
+        changed = None
+        for (site, _device), row in sorted(self.gates.items()):
+            if row.inside_stays != counts.get(site, 0):
+                row.inside_stays = counts.get(site, 0)
+                changed = row
+        return changed
+
+    def differences(self) -> list[str]:
+        """One line per site where the gates' own count and the stays' count differ."""
+        out = []
+        for site in sorted({site for site, _ in self.gates}):
+            rows = [r for (s, _), r in self.gates.items() if s == site]
+            counts = sorted({r.inside_gate for r in rows if r.inside_gate is not None})
+            stays = rows[0].inside_stays
+            if counts and stays is not None and counts != [stays]:
+                out.append(
+                    f"site {site}: the gates count {'/'.join(map(str, counts))} inside, the stays {stays}"
+                )
+        return out
 
     def _checkin(self, row: GateRow, payload: bytes) -> CheckinLine | None:
         body = _json(payload)
@@ -192,7 +245,7 @@ class Monitor:
 
     def table(self) -> str:
         head: tuple[str, ...] = ("site", "device", "avail", "last seen", "last decision", "acc", "rej")
-        head += ("fps", "outbox", "clock", "alarms")
+        head += ("fps", "outbox", "clock", "in:gate", "in:stays", "alarms")
         rows: list[tuple[str, ...]] = [head]
         for (_site, _dev), g in sorted(self.gates.items()):
             decision = f"{g.last_decision or '-'}/{g.last_reason}" if g.last_reason else g.last_decision
@@ -208,12 +261,15 @@ class Monitor:
                     f"{g.fps:.1f}" if g.fps is not None else "-",
                     str(g.outbox_depth) if g.outbox_depth is not None else "-",
                     {True: "sync", False: "NOSYNC", None: "?"}[g.clock_synced],
+                    _dash(g.inside_gate),
+                    _dash(g.inside_stays),
                     ",".join(g.alarms) or "-",
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         out.insert(1, "  ".join("-" * w for w in widths))
+        out += self.differences()
         out.append("")
         out.append("last check-ins, newest last (acc/rej: counted since the monitor started):")
         out.extend(text_checkin(line) for line in self.stream)
@@ -227,12 +283,18 @@ def text_checkin(c: CheckinLine) -> str:
     )
 
 
+def _dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
 def text_gate(g: GateRow) -> str:
     return (
         f"gate {g.site}/{g.device} {g.availability or '?'} fps={g.fps if g.fps is not None else '-'} "
         f"outbox={g.outbox_depth if g.outbox_depth is not None else '-'} "
         f"clock={'?' if g.clock_synced is None else ('sync' if g.clock_synced else 'NOSYNC')} "
-        f"acc={g.accepts} rej={g.rejects} alarms={','.join(g.alarms) or '-'}"
+        f"acc={g.accepts} rej={g.rejects} "
+        f"inside={_dash(g.inside_gate)}/{_dash(g.inside_stays)} "
+        f"alarms={','.join(g.alarms) or '-'}"
     )
 
 
