@@ -85,13 +85,18 @@ def draw(
             kinds_seen.add(row.stay)
             s, e = _local(row.start, zone), _local(row.end, zone)
             if row.kind == "stay":
-                ax.axvspan(s - margin, e + margin, ymin=0, ymax=1, color=MARGIN, alpha=0.35, lw=0)
+                if margin:
+                    ax.axvspan(s - margin, e + margin, ymin=0, ymax=1, color=MARGIN, alpha=0.35, lw=0)
                 _bar(ax, 0, s, e, CASE, row.stay)
             elif row.subject in shown:
                 lane = 1 + shown.index(row.subject)
                 _bar(ax, lane, s, e, CONTACT, row.stay)
                 o_s, o_e = _local(row.overlap_start, zone), _local(row.overlap_end, zone)
-                ax.barh(lane, max(o_e - o_s, timedelta(seconds=30)), left=o_s, height=0.3, color=OVERLAP)
+                # Above every stay bar: a contact's stay drawn again for the case's next stay
+                # must not hide the overlap with the one before.
+                ax.barh(
+                    lane, max(o_e - o_s, timedelta(seconds=30)), left=o_s, height=0.3, color=OVERLAP, zorder=3
+                )
         if len(lanes) > MAX_LANES:
             ax.set_xlabel(
                 f"… and {len(lanes) - MAX_LANES} more contacts at {site} (see the table)", fontsize=8
@@ -99,12 +104,10 @@ def draw(
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%d %b %H:%M", tz=zone))
         ax.grid(axis="x", color="#dddddd", lw=0.6)
         ax.tick_params(axis="x", labelsize=8)
-    handles = [
-        Patch(facecolor=CASE, label="case's stay"),
-        Patch(facecolor=MARGIN, label=f"margin ({_span(margin)})"),
-        Patch(facecolor=CONTACT, label="contact's stay"),
-        Patch(facecolor=OVERLAP, label="overlap"),
-    ]
+    handles = [Patch(facecolor=CASE, label="case's stay")]
+    if margin:
+        handles.append(Patch(facecolor=MARGIN, label=f"margin ({_span(margin)})"))
+    handles += [Patch(facecolor=CONTACT, label="contact's stay"), Patch(facecolor=OVERLAP, label="overlap")]
     handles += [
         Patch(facecolor="white", edgecolor="black", hatch=HATCH[k], label=LEGEND[k])
         for k in LEGEND

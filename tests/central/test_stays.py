@@ -167,7 +167,9 @@ def test_late_events_correct_the_stays_they_touch(store: Store, gates: Checkins)
     # The exit gate was offline for hours; its events come now, the newest first.
     exit_ = gates.event(MARKET, "out", at("09:00"), A)
     store.insert_batch([exit_])
-    store.insert_batch([gates.event(MARKET, "out", at("07:30"), A), gates.event(MARKET, "in", at("07:00"), A)])
+    store.insert_batch(
+        [gates.event(MARKET, "out", at("07:30"), A), gates.event(MARKET, "in", at("07:00"), A)]
+    )
     assert stays(store, A) == [("07:00", "07:30", "paired"), ("08:00", "09:00", "paired")]
     assert stays(store, B) == [("08:00", "20:00", "inferred")]  # untouched
     # A resend (the same event) changes nothing.
