@@ -39,6 +39,9 @@ BENCHES: Table = {
     "decode": Command("scanner.bench.decode", "passes and ms per engine and chain over a photo corpus"),
     "frames": Command("scanner.bench.frames", "ms per synthetic frame per engine and chain"),
     "outbox": Command("scanner.bench.outbox", "a gate's outbox backlog drains into the collector"),
+    "trace": Command(
+        "scanner.bench.trace", "N check-ins into both stores: load with stays, rebuild, trace p50/p99"
+    ),
     "soak": Command(
         "scanner.bench.soak", "random broker/collector/daemon kills for N minutes, then a report"
     ),

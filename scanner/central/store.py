@@ -52,6 +52,7 @@ from scanner.events import parse_utc, utc_ms
 
 log = logging.getLogger(__name__)
 
+UNIT_QUERY_MAX = 500  # subjects per query when deriving stays (SQLite allows 32766 parameters)
 RETENTION_BATCH = 5000  # rows per SQLite delete step: tens of milliseconds between two batches
 LOOKAHEAD_DAYS = 7  # PostgreSQL: a day this far ahead still gets its own partition
 LOCK_TIMEOUT = "1s"  # PostgreSQL: a partition drop waits no longer than this for a reader
@@ -163,12 +164,6 @@ SELECT MIN(seq), MAX(seq) FROM (
 ) runs GROUP BY grp ORDER BY MIN(seq)
 """
 
-# One unit's check-ins: the subject's events at the site in the site day, plus the annulments
-# that come just after it. (subject, ts) is indexed; a subject has a handful of events a day.
-_UNIT_EVENTS = (
-    "SELECT event_id, direction, decision, ts, annuls FROM checkins "
-    "WHERE subject = ? AND site = ? AND ts >= ? AND ts < ?"
-)
 # Stays are never longer than rules.longest, so "started before hi and ends after lo" becomes a
 # range scan of (…, start_ts) from lo - longest.
 _STAYS_OF = f"SELECT {_STAY} FROM stays WHERE subject = ? AND start_ts >= ? AND start_ts <= ? AND end_ts >= ?"
@@ -306,12 +301,23 @@ class _Base:
     def _unit_events(
         self, pairs: Sequence[tuple[str, str]], start: datetime, end: datetime
     ) -> dict[tuple[str, str], list[UnitEvent]]:
+        """The check-ins of the units (site, subject) in [start, end): one query per
+        UNIT_QUERY_MAX subjects, on the (subject, ts) index; other sites' rows are dropped."""
+        wanted = set(pairs)
+        subjects = sorted({subject for _, subject in pairs})
         out: dict[tuple[str, str], list[UnitEvent]] = {}
-        sql = self._sql(_UNIT_EVENTS)
-        lo, hi = self._t(start), self._t(end)
-        for site, subject in pairs:
-            rows = self._query(sql, (subject, site, lo, hi))
-            out[(site, subject)] = [UnitEvent(i, d, dec, _text_ts(ts), a) for i, d, dec, ts, a in rows]
+        for i in range(0, len(subjects), UNIT_QUERY_MAX):
+            chunk = subjects[i : i + UNIT_QUERY_MAX]
+            marks = ", ".join([self._ph] * len(chunk))
+            rows = self._query(
+                "SELECT site, subject, event_id, direction, decision, ts, annuls FROM checkins "
+                f"WHERE subject IN ({marks}) AND ts >= {self._ph} AND ts < {self._ph}",
+                (*chunk, self._t(start), self._t(end)),
+            )
+            for site, subject, event_id, direction, decision, ts, annuls in rows:
+                if (site, subject) in wanted:
+                    unit = out.setdefault((site, subject), [])
+                    unit.append(UnitEvent(event_id, direction, decision, _text_ts(ts), annuls))
         return out
 
     def _replace_stays(self, day: date, pairs: Sequence[tuple[str, str]], stays: Sequence[Stay]) -> None:
@@ -865,7 +871,7 @@ class PostgresStore(_Base):
     ) -> dict[tuple[str, str], list[UnitEvent]]:
         rows = self._conn.execute(
             "SELECT u.site, u.subject, c.event_id, c.direction, c.decision, c.ts, c.annuls "
-            "FROM unnest(%s::text[], %s::text[]) AS u(site, subject) JOIN checkins c "
+            "FROM unnest(%b::text[], %b::text[]) AS u(site, subject) JOIN checkins c "
             "ON c.subject = u.subject AND c.site = u.site AND c.ts >= %s AND c.ts < %s",
             ([p[0] for p in pairs], [p[1] for p in pairs], start, end),
         ).fetchall()
@@ -877,7 +883,7 @@ class PostgresStore(_Base):
     def _replace_stays(self, day: date, pairs: Sequence[tuple[str, str]], stays: Sequence[Stay]) -> None:
         # The constant day lets the planner touch one partition only.
         self._conn.execute(
-            "DELETE FROM stays s USING unnest(%s::text[], %s::text[]) AS u(site, subject) "
+            "DELETE FROM stays s USING unnest(%b::text[], %b::text[]) AS u(site, subject) "
             "WHERE s.day = %s AND s.subject = u.subject AND s.site = u.site",
             ([p[0] for p in pairs], [p[1] for p in pairs], day),
         )
@@ -888,7 +894,7 @@ class PostgresStore(_Base):
             return
         columns = [list(c) for c in zip(*(self._stay_row(s) for s in stays), strict=True)]
         types = ("text", "text", "date", "timestamptz", "timestamptz", "text", "text", "text")
-        arrays = ", ".join(f"%s::{t}[]" for t in types)
+        arrays = ", ".join(f"%b::{t}[]" for t in types)
         self._conn.execute(f"INSERT INTO stays ({_STAY}) SELECT * FROM unnest({arrays})", columns)
 
     # --- writing ---------------------------------------------------------------------------------
@@ -915,7 +921,7 @@ class PostgresStore(_Base):
             "jsonb",
             "text",
         )
-        arrays = ", ".join(f"%s::{t}[]" for t in types)
+        arrays = ", ".join(f"%b::{t}[]" for t in types)
         sql = (
             f"INSERT INTO checkins ({', '.join(_COLUMNS)}) SELECT * FROM unnest({arrays}) "
             "ON CONFLICT (event_id, ts) DO NOTHING"
