@@ -103,20 +103,20 @@ def synthesize(n: int, *, days: int, seed: int, now: datetime, rules: StayRules)
                     moves.append((entered + stay, site, "out", None, "accepted", "exit_request", None))
                 else:
                     moves.append((entered + stay, site, "out", subject, "accepted", "ok", None))
-            moves.sort()
+            moves.sort(key=lambda m: m[0])
             built: list[StoredEvent] = []
             last_entry: dict[tuple[str, str | None], str] = {}
-            for at, site, direction, subject, decision, reason, annuls in moves:
+            for at, site, direction, who, decision, reason, annuls in moves:
                 device = f"{site}-{direction}"
                 seqs[device] = seqs.get(device, 0) + 1
                 event_id = ids.new(int(at.timestamp() * 1000))
                 if annuls is not None:
-                    annuls = last_entry[(site, subject)]
+                    annuls = last_entry[(site, who)]
                 elif direction == "in":
-                    last_entry[(site, subject)] = event_id
-                credential: dict[str, Any] = {"type": "exit_button" if subject is None else "plain"}
-                if subject is not None:
-                    credential["subject"] = subject
+                    last_entry[(site, who)] = event_id
+                credential: dict[str, Any] = {"type": "exit_button" if who is None else "plain"}
+                if who is not None:
+                    credential["subject"] = who
                 ts = events.utc_ms(at)
                 doc = {
                     "schema": events.SCHEMA,
@@ -134,7 +134,7 @@ def synthesize(n: int, *, days: int, seed: int, now: datetime, rules: StayRules)
                 }
                 built.append(
                     StoredEvent(
-                        event_id, device, site, direction, seqs[device], ts, subject, decision, reason,
+                        event_id, device, site, direction, seqs[device], ts, who, decision, reason,
                         credential["type"], raw(doc), annuls,
                     )
                 )  # fmt: skip
