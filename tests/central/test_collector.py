@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from scanner.gate.publisher import Publisher
 from scanner.models import CheckinEvent
 from scanner.sim.localbroker import LocalBroker
 from tests import pg
-from tests.helpers import unique_name
+from tests.helpers import Checkins, unique_name
 from tests.mqtt_helpers import Subscriber, wait_until
 
 SITE = "site-1"
@@ -613,3 +614,47 @@ def test_new_events_are_acked_past_32_holes(broker: LocalBroker, url: str, subsc
     finally:
         collector.stop()
         store.close()
+
+
+def test_the_status_counts_who_is_inside_and_retention_runs_without_holding_up_ingest(
+    broker: LocalBroker, url: str, subscribe
+):
+    """Old check-ins in the store go when the collector starts, while new ones keep being
+    stored and acknowledged; the status names each site's inside count from the stays."""
+    prefix = unique_name("t")
+    checkins = Checkins(prefix)
+    now = datetime.now(UTC)
+    store = open_store(url)
+    old = [checkins.event("old-site", "in", now - timedelta(days=40, minutes=i), "1" * 32) for i in range(30)]
+    store.insert_batch(old)
+    assert store.count() == 30
+    collector = Collector(collector_config(broker, prefix, url, "occ"), store).start()
+    try:
+        assert collector.wait_subscribed(10)
+        sub = subscribe(f"{prefix}/{SITE}/+/ack", f"{prefix}/collector/occ/status")
+        fresh = [
+            checkins.event(SITE, "out", now - timedelta(hours=2), "f" * 32, device="gate-out"),
+            checkins.event(SITE, "in", now - timedelta(minutes=10), "a" * 32, device="gate-in"),
+            checkins.event(SITE, "in", now - timedelta(minutes=5), "b" * 32, device="gate-in"),
+            checkins.event(SITE, "in", now - timedelta(minutes=4), "c" * 32, device="gate-in"),
+            checkins.event(SITE, "out", now - timedelta(minutes=1), "c" * 32, device="gate-out"),
+        ]
+        for event in fresh:
+            sub.publish(f"{prefix}/{SITE}/{event.device}/checkin", event.raw)
+
+        def inside(_m: object) -> object:
+            statuses = [json.loads(m.payload) for m in list(sub.messages) if m.topic.endswith("/status")]
+            return statuses and statuses[-1].get("occupancy") == [{"site": SITE, "inside": 2}]
+
+        assert sub.wait_for(inside, 15), [m.payload for m in list(sub.messages)][-2:]
+        assert wait_until(lambda: collector.stats()["retention_runs"] >= 1, 10)
+        assert collector.stats()["stored"] == len(fresh)
+    finally:
+        collector.stop()
+        store.close()
+    check = open_store(url)
+    try:
+        assert check.count() == len(fresh)  # the 40-day-old ones are gone, the new ones kept
+        assert check.islands()[("old-site", "old-site-in")] == [(1, 30)]  # deleted, not missing
+    finally:
+        check.close()
