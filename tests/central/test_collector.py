@@ -658,3 +658,38 @@ def test_the_status_counts_who_is_inside_and_retention_runs_without_holding_up_i
         assert check.islands()[("old-site", "old-site-in")] == [(1, 30)]  # deleted, not missing
     finally:
         check.close()
+
+
+def test_every_row_of_the_entries_exits_and_door_contract_parses():
+    entry = parse_event(TOPIC, json.dumps(_event(seq=1)).encode(), "gate")
+    rows = [
+        _event(seq=2, direction="out"),  # a scan at an exit gate
+        _event(seq=3, decision="annulled", reason="no_passage", annuls=entry.event_id),
+        _event(seq=4, direction="out", reason="exit_request", credential={"type": "exit_button"}),
+        _event(seq=5, decision="rejected", reason="forced_passage", credential={"type": "none"}),
+        _event(
+            seq=6,
+            reason="occupancy_set",
+            credential={"type": "operator", "issuer": "1a2b3c4d"},
+            occupancy={"inside": 12},
+        ),
+        _event(seq=7, flags=["over_capacity"]),
+    ]
+    parsed = [parse_event(TOPIC, json.dumps(doc).encode(), "gate") for doc in rows]
+    assert [(e.direction, e.decision, e.reason, e.subject is None) for e in parsed] == [
+        ("out", "accepted", "ok", False),
+        ("in", "annulled", "no_passage", False),
+        ("out", "accepted", "exit_request", True),
+        ("in", "rejected", "forced_passage", True),
+        ("in", "accepted", "occupancy_set", True),
+        ("in", "accepted", "ok", False),
+    ]
+    assert parsed[1].annuls == entry.event_id and json.loads(parsed[4].raw)["occupancy"] == {"inside": 12}
+    for bad in (
+        _event(decision="annulled", reason="no_passage"),  # annuls what?
+        _event(decision="annulled", reason="no_passage", annuls="not-an-id"),
+        _event(annuls=entry.event_id),  # only an annulment names one
+        _event(decision="maybe"),
+    ):
+        with pytest.raises(InvalidEvent):
+            parse_event(TOPIC, json.dumps(bad).encode(), "gate")
