@@ -760,6 +760,10 @@ class PostgresStore(_Base):
                         self._create_partition(table, day)
                 conn.execute(f"INSERT INTO {table} SELECT * FROM {table}_unpartitioned")
                 conn.execute(f"DROP TABLE {table}_unpartitioned")
+            # Dead letters list in id order: new ones after the moved ones.
+            conn.execute(
+                "SELECT setval(pg_get_serial_sequence('rejected', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM rejected"
+            )
 
     # --- primitives ------------------------------------------------------------------------------
 

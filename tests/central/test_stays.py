@@ -269,3 +269,83 @@ def test_retention_steps_are_bounded(store: Store, gates: Checkins, monkeypatch:
     assert max(steps) <= 7 and sum(steps) >= 20
     assert store.count() == 1 and {s.subject for s in store.all_stays()} == {B}
     assert store.islands() == {(MARKET, "h"): [(1, 20), (21, 21)]}
+
+
+# --- stores made by the version before stays ------------------------------------------------
+
+_OLD_PG = [
+    """CREATE TABLE checkins (event_id TEXT PRIMARY KEY, device TEXT NOT NULL, site TEXT NOT NULL,
+    direction TEXT NOT NULL, seq BIGINT NOT NULL, ts TIMESTAMPTZ NOT NULL, subject TEXT,
+    decision TEXT NOT NULL, reason TEXT NOT NULL, credential_type TEXT NOT NULL, raw JSONB NOT NULL,
+    received TIMESTAMPTZ NOT NULL DEFAULT now())""",
+    "CREATE INDEX checkins_device_seq ON checkins (site, device, seq)",
+    "CREATE INDEX checkins_subject_ts ON checkins (subject, ts)",
+    "CREATE INDEX checkins_site_ts ON checkins (site, ts)",
+    """CREATE TABLE rejected (id BIGSERIAL PRIMARY KEY, received TIMESTAMPTZ NOT NULL DEFAULT now(),
+    site TEXT, device TEXT, seq BIGINT, reason TEXT NOT NULL, payload BYTEA NOT NULL)""",
+    "CREATE UNIQUE INDEX rejected_device_seq ON rejected (site, device, seq) WHERE seq IS NOT NULL",
+]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_store_from_before_stays_keeps_its_check_ins_and_gets_stays(kind: str, tmp_path: Path):
+    import sqlite3
+
+    gates = Checkins()
+    recent = datetime.combine(datetime.now(ZONE).date() - timedelta(days=2), time(12), ZONE)
+    old = [gates.event(MARKET, "out", recent, A), gates.event(MARKET, "in", recent - timedelta(hours=1), A)]
+    columns = "event_id, device, site, direction, seq, ts, subject, decision, reason, credential_type, raw"
+    rows = [
+        (
+            e.event_id,
+            e.device,
+            e.site,
+            e.direction,
+            e.seq,
+            e.ts,
+            e.subject,
+            e.decision,
+            e.reason,
+            "plain",
+            e.raw,
+        )
+        for e in old
+    ]
+    url = pg.store_url(kind, tmp_path)
+    if kind == "postgresql":
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            for statement in _OLD_PG:
+                conn.execute(statement)
+            for row in rows:
+                conn.execute(f"INSERT INTO checkins ({columns}) VALUES ({', '.join(['%s'] * 11)})", row)
+            conn.execute(
+                "INSERT INTO rejected (site, device, seq, reason, payload) VALUES ('s', 'd', 9, 'x', '')"
+            )
+    else:
+        conn = sqlite3.connect(tmp_path / "collector.db")
+        conn.execute(
+            "CREATE TABLE checkins (event_id TEXT PRIMARY KEY, device TEXT NOT NULL, site TEXT NOT NULL, "
+            "direction TEXT NOT NULL, seq INTEGER NOT NULL, ts TEXT NOT NULL, subject TEXT, "
+            "decision TEXT NOT NULL, reason TEXT NOT NULL, credential_type TEXT NOT NULL, raw TEXT NOT NULL, "
+            "received TEXT NOT NULL "
+            "DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))) WITHOUT ROWID"
+        )
+        conn.executemany(f"INSERT INTO checkins ({columns}) VALUES ({', '.join('?' * 11)})", rows)
+        conn.commit()
+        conn.close()
+    store = open_store(url, RULES)
+    try:
+        assert store.count() == 2 and store.rules_changed
+        store.rebuild_stays()
+        assert [(s.subject, s.kind, s.seconds) for s in store.all_stays() if s.subject == A] == [
+            (A, "inferred", 3600.0)
+        ] or [(s.subject, s.kind) for s in store.all_stays() if s.subject == A] == [(A, "paired")]
+        store.insert_batch([gates.event(MARKET, "in", recent, B)])
+        assert store.count() == 3
+        if kind == "postgresql":
+            store.insert_rejected([RejectedEvent(MARKET, "g", 1, "y", b"")])
+            assert [r.seq for r in store.rejected()] == [9, 1]  # the moved one first
+    finally:
+        store.close()
