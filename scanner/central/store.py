@@ -762,7 +762,8 @@ class PostgresStore(_Base):
                 conn.execute(f"DROP TABLE {table}_unpartitioned")
             # Dead letters list in id order: new ones after the moved ones.
             conn.execute(
-                "SELECT setval(pg_get_serial_sequence('rejected', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM rejected"
+                "SELECT setval(pg_get_serial_sequence('rejected', 'id'), COALESCE(MAX(id), 0) + 1, false) "
+                "FROM rejected"
             )
 
     # --- primitives ------------------------------------------------------------------------------
