@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import statistics
 import sys
@@ -157,6 +158,8 @@ def bench_store(store: Store, n: int, *, days: int, seed: int, traces: int) -> d
     data = synthesize(n, days=days, seed=seed, now=now, rules=store.rules)
     loaded = 0
     batch_s: list[float] = []
+    load_before = os.getloadavg()[0]
+    cpu = time.process_time()
     started = time.perf_counter()
     for batch in data.batches:
         t0 = time.perf_counter()
@@ -164,6 +167,10 @@ def bench_store(store: Store, n: int, *, days: int, seed: int, traces: int) -> d
         batch_s.append(time.perf_counter() - t0)
         loaded += len(batch)
     load_s = time.perf_counter() - started
+    # This process's CPU time: SQLite runs in it, PostgreSQL's server does not. Beside the
+    # wall-clock rate it shows what a core of our own gets through on a shared machine.
+    load_cpu_s = time.process_time() - cpu
+    load_after = os.getloadavg()[0]
     incremental = store.all_stays()
     t0 = time.perf_counter()
     rebuilt_n = store.rebuild_stays()
@@ -195,6 +202,8 @@ def bench_store(store: Store, n: int, *, days: int, seed: int, traces: int) -> d
         "events": loaded,
         "load_s": round(load_s, 1),
         "load_events_per_s": round(loaded / load_s),
+        "load_events_per_cpu_s_this_process": round(loaded / max(load_cpu_s, 1e-9)),
+        "machine_load_avg_1m": [round(load_before, 1), round(load_after, 1)],
         "batch_ms": {"p50": _ms(batch_s, 0.5), "p99": _ms(batch_s, 0.99), "max": _ms(batch_s, 1.0)},
         "stays": len(incremental),
         "stays_by_kind": kinds,
