@@ -63,7 +63,7 @@ COMMANDS: Table = {
     "cmd": Command("scanner.fleet.cmd", "sign (and send) operator commands to a gate"),
     # The central side (scanner/central/)
     "collect": Command("scanner.central.collector", "central ingest: store every gate's check-ins, ack them"),
-    "trace": Command("scanner.central.trace", "contact tracing: a subject's visits and who was there too"),
+    "trace": Command("scanner.central.trace", "contact tracing: a subject's stays and who was inside too"),
     "monitor": Command(
         "scanner.central.monitor", "live table of gates and stream of check-ins from the broker"
     ),
