@@ -67,7 +67,6 @@ def synthesize(n: int, *, days: int, seed: int, now: datetime, rules: StayRules)
     # A few regulars come often (commuters, stall holders); most come now and then.
     weights = [8.0 if i % 50 == 0 else 1.0 for i in range(n_subjects)]
     home = {s: rng.choice(sites) for s in subjects}
-    visits_per_day = max(1, n // (days * 2))  # an entry and an exit make two events
     ids = events.Uuid7()
     seqs: dict[str, int] = {}
     traced = rng.sample(subjects, min(len(subjects), 400))
@@ -77,11 +76,16 @@ def synthesize(n: int, *, days: int, seed: int, now: datetime, rules: StayRules)
 
     def day_batches() -> Iterator[list[StoredEvent]]:
         first_day = rules.day_of(now - timedelta(days=days))
+        made = visits = 0
         for d in range(days):
             day = first_day + timedelta(days=d)
             start, _ = rules.bounds(day)
             moves: list[tuple[datetime, str, str, str | None, str, str, str | None]] = []
-            for subject in rng.choices(subjects, weights, k=visits_per_day):
+            # Visits make 1-3 events each: aim each day at what is left of n.
+            per_visit = made / visits if visits else 1.8
+            today = max(1, round((n - made) / (days - d) / per_visit))
+            visits += today
+            for subject in rng.choices(subjects, weights, k=today):
                 r = rng.random()
                 site = hot if r < 0.15 else home[subject] if r < 0.6 else rng.choice(sites)
                 entered = start + timedelta(hours=1 + rng.random() * 17)
@@ -142,6 +146,7 @@ def synthesize(n: int, *, days: int, seed: int, now: datetime, rules: StayRules)
             # A few gates were offline for hours: their events of the day come after the rest.
             offline = {d for d in {e.device for e in built} if rng.random() < 0.02}
             built = [e for e in built if e.device not in offline] + [e for e in built if e.device in offline]
+            made += len(built)
             for i in range(0, len(built), BATCH_MAX):
                 yield built[i : i + BATCH_MAX]
 

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 UNIT_QUERY_MAX = 500  # subjects per query when deriving stays (SQLite allows 32766 parameters)
 SQLITE_CACHE_KIB = 128 * 1024
 SQLITE_CHECKPOINT_PAGES = 16_000  # 64 MB of WAL between checkpoints
-RETENTION_BATCH = 5000  # rows per SQLite delete step: tens of milliseconds between two batches
+RETENTION_BATCH = 2000  # rows per SQLite delete step: well under a second between two batches
 LOOKAHEAD_DAYS = 7  # PostgreSQL: a day this far ahead still gets its own partition
 LOCK_TIMEOUT = "1s"  # PostgreSQL: a partition drop waits no longer than this for a reader
 
