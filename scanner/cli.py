@@ -43,6 +43,9 @@ BENCHES: Table = {
         "scanner.bench.occupancy", "3 gates on one broker: an entry to every sibling's count; the cap's cost"
     ),
     "door": Command("scanner.bench.door", "exit button and fire input to the relay while decoding"),
+    "trace": Command(
+        "scanner.bench.trace", "N check-ins into both stores: load with stays, rebuild, trace p50/p99"
+    ),
     "soak": Command(
         "scanner.bench.soak", "random broker/collector/daemon kills for N minutes, then a report"
     ),
@@ -64,7 +67,7 @@ COMMANDS: Table = {
     "cmd": Command("scanner.fleet.cmd", "sign (and send) operator commands to a gate"),
     # The central side (scanner/central/)
     "collect": Command("scanner.central.collector", "central ingest: store every gate's check-ins, ack them"),
-    "trace": Command("scanner.central.trace", "contact tracing: a subject's visits and who was there too"),
+    "trace": Command("scanner.central.trace", "contact tracing: a subject's stays and who was inside too"),
     "monitor": Command(
         "scanner.central.monitor", "live table of gates and stream of check-ins from the broker"
     ),

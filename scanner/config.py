@@ -14,11 +14,11 @@ import re
 import tomllib
 import types
 import typing
+import zoneinfo
 from dataclasses import MISSING, dataclass, field, fields, replace
 from datetime import timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # Device ids, site names, topic prefixes and collector names: safe as an MQTT topic segment
 # and client id, and as a file name. Every reader of such a name checks it with this.
@@ -243,29 +243,12 @@ class SiteConfig:
 
     @property
     def tz(self) -> tzinfo:
-        return site_timezone(self.timezone)
+        return time_zone(self.timezone)
 
     @property
     def day_start_offset(self) -> timedelta:
         hours, minutes = self.day_start.split(":")
         return timedelta(hours=int(hours), minutes=int(minutes))
-
-
-_OFFSET = re.compile(r"(?:UTC)?([+-])([01][0-9]|2[0-3]):?([0-5][0-9])")
-
-
-def site_timezone(text: str) -> tzinfo:
-    """``+07:00`` (also ``UTC+07:00``, ``+0700``) or an IANA name; ValueError when it is neither.
-
-    A fixed offset needs no time-zone database, which a stripped gate image may lack."""
-    match = _OFFSET.fullmatch(text)
-    if match:
-        sign = -1 if match.group(1) == "-" else 1
-        return timezone(sign * timedelta(hours=int(match.group(2)), minutes=int(match.group(3))))
-    try:
-        return ZoneInfo(text)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ValueError(f"{text!r} is neither a UTC offset like +07:00 nor a known time zone name") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +396,30 @@ class CollectorConfig:
         min=0,
         max=604_800,
     )
+    retention_days: int = _opt(
+        28,
+        "check-ins, stays and rejected messages older than this are deleted, every day: tracing needs"
+        " the 14 days before a case fell ill plus the days until the case is reported, and nothing else",
+        min=1,
+        max=3650,
+    )
+    max_stay_h: float = _opt(
+        12.0,
+        "an entry with no exit is closed after this long (or at the day end, if sooner)",
+        min=0.25,
+        max=24.0,
+    )
+    default_stay_min: float = _opt(
+        30.0, "at a site with no exit gates, a stay lasts this long from the entry scan", min=1.0, max=1440.0
+    )
+    day_start: str = _opt(
+        "04:00",
+        "local time at which the sites' day ends and the next begins (entries with no exit close then)",
+        pattern=r"([01][0-9]|2[0-3]):[0-5][0-9]",
+    )
+    timezone: str = _opt(
+        "Asia/Ho_Chi_Minh", "the sites' time zone for day_start: an IANA name or a fixed offset like +07:00"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +451,28 @@ class Config:
 
     def topic(self, leaf: str) -> str:
         return f"{self.mqtt.topic_prefix}/{self.device.site}/{self.device.id}/{leaf}"
+
+
+_OFFSET = re.compile(r"(?:UTC)?([+-])([0-9]{1,2})(?::?([0-9]{2}))?")
+
+
+def time_zone(text: str) -> tzinfo:
+    """An IANA zone name (``Asia/Ho_Chi_Minh``) or a fixed offset (``+07:00``, ``UTC+7``).
+
+    A fixed offset needs no tz database, which a minimal server image may lack; Vietnam has
+    kept UTC+7 without daylight saving since 1975, so both spell the same rule there.
+    """
+    match = _OFFSET.fullmatch(text)
+    if match is not None:
+        sign, hours, minutes = match.groups()
+        offset = timedelta(hours=int(hours), minutes=int(minutes or 0))
+        if offset > timedelta(hours=14):
+            raise ValueError(f"{text!r}: offsets run from -14:00 to +14:00")
+        return timezone(-offset if sign == "-" else offset)
+    try:
+        return zoneinfo.ZoneInfo(text)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{text!r} is neither a known IANA time zone nor an offset like +07:00") from None
 
 
 class ConfigError(Exception):
@@ -555,11 +584,15 @@ def _cross_checks(c: Config) -> list[str]:
             f"{c.camera.capture_timeout_s}: a slow but working read would count as a stall"
         )
     try:
-        site_timezone(c.site.timezone)
+        time_zone(c.site.timezone)
     except ValueError as exc:
         problems.append(f"site.timezone: {exc}")
     if c.site.gates and c.device.id not in c.site.gates:
         problems.append(f"site.gates: lists the site's gates but not this one ({c.device.id!r})")
+    try:
+        time_zone(c.collector.timezone)
+    except ValueError as exc:
+        problems.append(f"collector.timezone: {exc}")
     source = c.camera.source
     if not (source == "picamera2" or source.startswith(("dir:", "file:", "v4l2:", "rtsp://", "rtsps://"))):
         problems.append(f"camera.source: {source!r} is not picamera2, dir:, file:, v4l2: or rtsp://")

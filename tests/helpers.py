@@ -32,6 +32,7 @@ from gpiozero.pins.mock import MockFactory, MockPin
 
 from scanner import config as config_mod
 from scanner import events
+from scanner.central.collector import parse_event
 from scanner.central.store import Store, StoredEvent
 from scanner.credentials.signed import TrustedKey, TrustStore
 from scanner.fleet.passes import default_kid
@@ -386,3 +387,64 @@ def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+# --- check-ins as the collector stores them (tests/central) ---------------------------------
+
+
+class Checkins:
+    """Check-in events for the collector's store, as a gate of the contract would send them
+    (exits, annulments, the exit button), each through the collector's own ``parse_event``."""
+
+    def __init__(self, prefix: str = "gate") -> None:
+        self.prefix = prefix
+        self._ids = events.Uuid7()
+        self._seqs: dict[str, int] = {}
+
+    def event(
+        self,
+        site: str,
+        direction: str,
+        at: datetime,
+        subject: str | None,
+        *,
+        decision: str = "accepted",
+        reason: str = "ok",
+        annuls: str | None = None,
+        device: str | None = None,
+        credential_type: str = "plain",
+    ) -> Any:
+        device = device or f"{site}-{direction}"
+        self._seqs[device] = self._seqs.get(device, 0) + 1
+        credential: dict[str, Any] = {"type": credential_type}
+        if subject is not None:
+            credential["subject"] = subject
+        doc: dict[str, Any] = {
+            "schema": events.SCHEMA,
+            "event_id": self._ids.new(int(at.timestamp() * 1000)),
+            "seq": self._seqs[device],
+            "device": device,
+            "site": site,
+            "direction": direction,
+            "ts": events.utc_ms(at),
+            "clock_synced": True,
+            "decision": decision,
+            "reason": reason,
+            "credential": credential,
+        }
+        if annuls is not None:
+            doc["annuls"] = annuls
+        return parse_event(f"{self.prefix}/{site}/{device}/checkin", json.dumps(doc).encode(), self.prefix)
+
+    def annul(self, entry: Any, at: datetime) -> Any:
+        """The door never saw ``entry``'s holder pass: the event that takes it back."""
+        return self.event(
+            entry.site,
+            entry.direction,
+            at,
+            entry.subject,
+            decision="annulled",
+            reason="no_passage",
+            annuls=entry.event_id,
+            device=entry.device,
+        )

@@ -31,6 +31,7 @@ LAZY_ALLOWED = {
     "pyzbar": "native libzbar: loaded only when the fallback first runs",
     "psycopg": "the optional postgres extra: never installed on a gate",
     "segno": "only rendering a pass needs it",
+    "matplotlib": "only `trace --plot` draws: tens of MB a collector never needs",
     "cv2": "OpenCV: only `pass verify --image` of the office tools reads images",
     "scanner.gate.decode": "OpenCV and the native decoders, for the same `pass verify --image`",
 }

@@ -35,7 +35,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeGuard, TypeVar
 
@@ -46,11 +46,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from scanner import __version__
+from scanner.central.stays import StayRules
 from scanner.central.store import RejectedEvent, Store, StoredEvent, StoreError, open_store
 from scanner.config import NAME, Config, load_central
 from scanner.console import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, load_or_report, setup_logging, stop_on_signals
 from scanner.events import SCHEMA as CHECKIN_SCHEMA
-from scanner.events import schema_path
+from scanner.events import schema_path, utc_ms
 from scanner.mqtt import (
     SHARE_GROUP,
     Ack,
@@ -79,11 +80,15 @@ STATUS_EVERY_S = 2.0
 STATUS_MAX_BYTES = 256 * 1024
 # PUBLISH header, topic length, packet id and properties around the payload.
 PACKET_OVERHEAD = 64
+RETENTION_EVERY_S = 86_400.0  # retention runs at start and then daily
+RETENTION_RETRY_S = 600.0  # after a store error, try again this much later
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0
 RECEIVE_MAXIMUM = (
     65535  # MQTT maximum: the broker sends instead of queueing (its queue drops at max_queued_messages)
 )
 
+# accepted/rejected, or annulled: a later event saying an accepted one never passed the door.
+DECISIONS = ("accepted", "rejected", "annulled")
 _UUID7 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 _TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 _SUBJECT = re.compile(r"[0-9a-f]{32}")
@@ -205,7 +210,7 @@ def parse_event(topic: str, payload: bytes, prefix: str) -> StoredEvent:
         datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ")  # 2026-13-45 fits the pattern, not timestamptz
     except ValueError:
         raise InvalidEvent("ts: not a valid time") from None
-    decision = text("decision", choices=_decisions())
+    decision = text("decision", choices=DECISIONS)
     # A code, not free text: a newer gate's new reason still passes, prose does not.
     reason = text("reason", _REASON)
     seq = doc.get("seq")
@@ -219,6 +224,13 @@ def parse_event(topic: str, payload: bytes, prefix: str) -> StoredEvent:
     subject = credential.get("subject")
     if subject is not None and not (isinstance(subject, str) and _SUBJECT.fullmatch(subject)):
         raise InvalidEvent("credential.subject: not a 32-hex-digit pseudonym")
+    # An annulment names the accepted event it takes back; stays leave that event out.
+    annuls = doc.get("annuls")
+    if decision == "annulled":
+        if not (isinstance(annuls, str) and _UUID7.fullmatch(annuls)):
+            raise InvalidEvent("annuls: missing or not an event_id")
+    elif annuls is not None:
+        raise InvalidEvent("annuls: only an annulled event names one")
     return StoredEvent(
         event_id=event_id,
         device=device,
@@ -231,6 +243,7 @@ def parse_event(topic: str, payload: bytes, prefix: str) -> StoredEvent:
         reason=reason,
         credential_type=credential["type"],
         raw=raw,
+        annuls=annuls,
     )
 
 
@@ -417,6 +430,11 @@ class Collector:
         self.insert_events = 0
         self.store_errors = 0
         self.rejected = 0
+        self.retention_runs = 0
+        # Retention (worker thread only): the cutoff of the run under way, if one is.
+        self._expiring: datetime | None = None
+        self._expired = 0
+        self._next_retention = 0.0
 
         self._client = self._make_client(client_factory)
 
@@ -445,6 +463,15 @@ class Collector:
     def start(self) -> Collector:
         if self._thread is not None:
             return self
+        if self._store.rules_changed:
+            # Before the first batch: a unit derived under the new rules next to stale ones
+            # would give a mixed answer. The gates keep their events meanwhile.
+            started = time.monotonic()
+            log.info(
+                "stay rules differ from the store's (%s): deriving every stay again", self._store.rules.key()
+            )
+            written = self._store.rebuild_stays()
+            log.info("stays rebuilt: %d in %.1f s", written, time.monotonic() - started)
         self._load_state()
         self._thread = threading.Thread(target=self._run, name="collector-store", daemon=True)
         self._thread.start()
@@ -488,6 +515,7 @@ class Collector:
                 "store_errors": self.store_errors,
                 "insert_events": self.insert_events,
                 "insert_s": self.insert_s,
+                "retention_runs": self.retention_runs,
             }
 
     def device_state(self, site: str, device: str) -> DeviceSeqs | None:
@@ -550,9 +578,11 @@ class Collector:
         fail_logged = False
         while not self._stop.is_set():
             try:
-                first = self._queue.get(timeout=STATUS_EVERY_S / 2)
+                # While retention is under way, a quiet queue means: take the next step now.
+                first = self._queue.get(timeout=0.0 if self._expiring else STATUS_EVERY_S / 2)
             except queue.Empty:
                 self._maybe_status()
+                self._retention_step()
                 continue
             items = [first]
             if isinstance(first, _Message):
@@ -613,6 +643,7 @@ class Collector:
             if status_due:
                 self._publish_status(force=True)
             self._maybe_status()
+            self._retention_step()
         if self._connected.is_set():
             self._publish_status(force=True, online=False)
 
@@ -775,6 +806,42 @@ class Collector:
             acks[key] = state.acks(seqs)
         return acks
 
+    def _retention_step(self) -> None:
+        """One bounded step of deleting what is older than ``retention_days``, between two
+        batches: a day's deletions are spread over many steps and never hold up ingest."""
+        if self._expiring is None:
+            if time.monotonic() < self._next_retention:
+                return
+            self._expiring = datetime.now(UTC) - timedelta(days=self._config.collector.retention_days)
+            self._expired = 0
+        try:
+            removed = self._store.expire_step(self._expiring)
+        except StoreError as exc:
+            log.warning("retention: %s; trying again in %.0f s", exc, RETENTION_RETRY_S)
+            self._expiring, self._next_retention = None, time.monotonic() + RETENTION_RETRY_S
+            return
+        if removed:
+            self._expired += removed
+            return
+        log.info(
+            "retention: deleted what was older than %s (%d rows or partitions)",
+            utc_ms(self._expiring),
+            self._expired,
+        )
+        with self._lock:
+            self.retention_runs += 1
+        self._expiring, self._next_retention = None, time.monotonic() + RETENTION_EVERY_S
+
+    def _occupancy(self) -> list[dict[str, Any]] | None:
+        """Per site, who is inside now by the stays; the gates count for themselves too, and
+        ``monitor`` shows both (a difference is worth a look)."""
+        try:
+            counts = self._store.inside(datetime.now(UTC))
+        except StoreError as exc:
+            log.warning("store: %s (occupancy not in this status)", exc)
+            return None
+        return [{"site": site, "inside": n} for site, n in sorted(counts.items())]
+
     def _maybe_status(self) -> None:
         if time.monotonic() - self._last_status >= STATUS_EVERY_S:
             self._publish_status()
@@ -808,6 +875,9 @@ class Collector:
             "invalid": stats["invalid"],
             "rejected": stats["rejected"],
         }
+        occupancy = self._occupancy()
+        if occupancy is not None:
+            body["occupancy"] = occupancy
         payload = status_payload(body, devices, self._status_limit)
         if payload is None:
             if not self._status_unfit_logged:
@@ -878,7 +948,8 @@ def run(config: Config, stop: threading.Event) -> int:
     """`gate-scanner collect`: run until ``stop`` is set; 0 on a clean stop, 1 on failure."""
 
     try:
-        store = open_store(config.collector.store)
+        c = config.collector
+        store = open_store(c.store, StayRules.from_config(c), retention_days=c.retention_days)
     except StoreError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -43,6 +43,7 @@ SESSION_TAKEN_OVER = 0x8E  # MQTT v5 DISCONNECT reason
 STREAM_LINES = 15
 # `gate-scanner collect` publishes its own status under {prefix}/collector/{name}/: not a gate.
 COLLECTOR_SITE = "collector"
+STATUS_SITES_MAX = 10_000  # sites read from one collector status; a bigger list is cut there
 _HEX = re.compile(r"[0-9a-fA-F]+")
 
 
@@ -67,6 +68,10 @@ class GateRow:
     # Fields whose latest value could not be shown (NaN, out of range, wrong type, too long,
     # control characters), and "health"/"status"/"checkin" for a message with nothing readable.
     invalid: list[str] = field(default_factory=list)
+    # Who is inside the gate's site: by the gate's own count (``status.occupancy.inside``,
+    # from gates that count), and by the collector's stays for the site. They should agree.
+    inside_gate: int | None = None
+    inside_stays: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,19 +228,27 @@ class Monitor:
         # Per gate and leaf: the fields its latest message of that leaf could not fill.
         self._marks: dict[tuple[str, str], dict[str, set[str]]] = {}
         self.counters: dict[str, dict[str, tuple[str, int, int]]] = {}  # site → device → (day, net, cap)
+        self.inside_stays: dict[str, int] | None = None  # per site, from the newest collector status
 
     def topics(self) -> list[str]:
-        return [f"{self.prefix}/{self.site or '+'}/+/{leaf}" for leaf in (*LEAVES, OCCUPANCY)]
+        topics = [f"{self.prefix}/{self.site or '+'}/+/{leaf}" for leaf in (*LEAVES, OCCUPANCY)]
+        if self.site is not None:  # with every site, the status subscription already covers it
+            topics.append(f"{self.prefix}/{COLLECTOR_SITE}/+/status")
+        return topics
 
     def handle(self, topic: str, payload: bytes, retained: bool) -> tuple[GateRow | None, CheckinLine | None]:
         parts = topic.split("/")
         if len(parts) != 4 or parts[0] != self.prefix or parts[3] not in LEAVES:
             return None, None
         _, site, device, leaf = parts
-        if site == COLLECTOR_SITE or (self.site is not None and site != self.site):
+        if site == COLLECTOR_SITE:
+            return (self._collector_status(payload), None) if leaf == "status" else (None, None)
+        if self.site is not None and site != self.site:
             return None, None
         key = (site, device)
-        row = self.gates.setdefault(key, GateRow(site=_label(site), device=_label(device)))
+        row = self.gates.setdefault(
+            key, GateRow(site=_label(site), device=_label(device), inside_stays=self._stays_at(site))
+        )
         if not retained:
             row.last_seen = now_ms()
         line = None
@@ -255,6 +268,45 @@ class Monitor:
         row.invalid = sorted(set().union(*self._marks[key].values()))
         return row, line
 
+    def _stays_at(self, site: str) -> int | None:
+        return None if self.inside_stays is None else self.inside_stays.get(site, 0)
+
+    def _collector_status(self, payload: bytes) -> GateRow | None:
+        """A collector's count of who is inside each site, set on every gate row of the site.
+
+        A site the status does not name has nobody inside by the stays. Returns one changed
+        row (the table redraws whole), or None when no gate row changed."""
+        body = _json(payload) or {}
+        entries = body.get("occupancy")
+        if not isinstance(entries, list):
+            return None
+        counts: dict[str, int] = {}
+        for entry in entries[:STATUS_SITES_MAX]:
+            if isinstance(entry, dict) and isinstance(entry.get("site"), str):
+                n, _bad = _count(entry.get("inside"))
+                if n is not None:
+                    counts[entry["site"]] = n
+        self.inside_stays = counts
+        changed = None
+        for (site, _device), row in sorted(self.gates.items()):
+            if row.inside_stays != counts.get(site, 0):
+                row.inside_stays = counts.get(site, 0)
+                changed = row
+        return changed
+
+    def differences(self) -> list[str]:
+        """One line per site where the gates' own count and the stays' count differ."""
+        out = []
+        for site in sorted({site for site, _ in self.gates}):
+            rows = [r for (s, _), r in self.gates.items() if s == site]
+            counts = sorted({r.inside_gate for r in rows if r.inside_gate is not None})
+            stays = rows[0].inside_stays
+            if counts and stays is not None and counts != [stays]:
+                out.append(
+                    f"site {site}: the gates count {'/'.join(map(str, counts))} inside, the stays {stays}"
+                )
+        return out
+
     def _status(self, row: GateRow, payload: bytes) -> set[str]:
         body = _json(payload)
         if body is None:
@@ -273,6 +325,12 @@ class Monitor:
             row.version = shown
         if bad:
             marks.add("version")
+        inside, bad = _at(body, "occupancy", "inside")
+        inside, bad_inside = _count(inside)
+        if inside is not None:
+            row.inside_gate = inside
+        if bad or bad_inside:
+            marks.add("inside_gate")
         return marks
 
     def _health(self, row: GateRow, payload: bytes, retained: bool) -> set[str]:
@@ -383,7 +441,7 @@ class Monitor:
 
     def table(self) -> str:
         head: tuple[str, ...] = ("site", "device", "avail", "last seen", "last decision", "acc", "rej")
-        head += ("fps", "outbox", "clock", "alarms", "unreadable")
+        head += ("fps", "outbox", "clock", "in:gate", "in:stays", "alarms", "unreadable")
         rows: list[tuple[str, ...]] = [head]
         for (_site, _dev), g in sorted(self.gates.items()):
             decision = f"{g.last_decision or '-'}/{g.last_reason}" if g.last_reason else g.last_decision
@@ -405,6 +463,8 @@ class Monitor:
                     cell("fps", f"{g.fps:.1f}" if g.fps is not None else "-"),
                     cell("outbox_depth", str(g.outbox_depth) if g.outbox_depth is not None else "-"),
                     cell("clock_synced", {True: "sync", False: "NOSYNC", None: "?"}[g.clock_synced]),
+                    cell("inside_gate", _dash(g.inside_gate)),
+                    _dash(g.inside_stays),
                     alarms.lstrip(",") or "-",
                     ",".join(g.invalid) or "-",
                 )
@@ -413,6 +473,7 @@ class Monitor:
         out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         out.insert(1, "  ".join("-" * w for w in widths))
         out.extend(self.sites_table())
+        out += self.differences()
         out.append("")
         out.append("last check-ins, newest last (acc/rej: since the monitor started; !: unreadable):")
         out.extend(text_checkin(line) for line in self.stream)
@@ -448,13 +509,18 @@ def text_checkin(c: CheckinLine) -> str:
     )
 
 
+def _dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
 def text_gate(g: GateRow) -> str:
     return (
         f"gate {g.site}/{g.device} {g.availability or '?'} fps={g.fps if g.fps is not None else '-'} "
         f"outbox={g.outbox_depth if g.outbox_depth is not None else '-'} "
         f"clock={'?' if g.clock_synced is None else ('sync' if g.clock_synced else 'NOSYNC')} "
-        f"acc={g.accepts} rej={g.rejects} alarms={','.join(g.alarms) or '-'}"
-        + (f" unreadable={','.join(g.invalid)}" if g.invalid else "")
+        f"acc={g.accepts} rej={g.rejects} "
+        f"inside={_dash(g.inside_gate)}/{_dash(g.inside_stays)} "
+        f"alarms={','.join(g.alarms) or '-'}" + (f" unreadable={','.join(g.invalid)}" if g.invalid else "")
     )
 
 

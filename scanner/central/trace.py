@@ -1,4 +1,10 @@
-"""Contact tracing (`gate-scanner trace`): a subject's visits and who shared them.
+"""Contact tracing (`gate-scanner trace`): a subject's stays and who was inside with them.
+
+Contacts are overlapping stays (``scanner.central.stays``): everyone else whose stay at the
+same site overlaps one of the subject's by at least ``--min-overlap``, after widening the
+subject's stays by ``--margin`` on both sides (the 2021 one-hour rule is ``--margin 1h``).
+Stays that only touch (one leaves as the other enters) count when the minimum is 0: they
+passed each other in the door.
 
 The store never holds raw IDs, only keyed pseudonyms, so the raw ID the health authority
 asks about is turned into its pseudonym here with the deployment key. The key is only read:
@@ -6,7 +12,7 @@ a missing key means this machine cannot trace (a fresh key would match nobody).
 
 The pseudonym covers the credential type as well as the identity (a plain code "123" and a
 pass subject "123" are different people), so without ``--type`` every type that carries a
-typed-in identity is tried and all their visits are reported.
+typed-in identity is tried and all their stays are reported.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from scanner import events
-from scanner.central.store import Store, StoreError, Visit, open_store
+from scanner.central.stays import Stay, StayRules
+from scanner.central.store import Store, StoreError, open_store
+from scanner.central.timeline import draw
 from scanner.config import load_central
 from scanner.console import load_or_report
-from scanner.events import Pseudonymizer
+from scanner.events import Pseudonymizer, utc_ms
 
 DEFAULT_TYPES = ("plain", "cccd", "signed")
 FORMATS = ("table", "json", "csv")
@@ -40,16 +48,18 @@ class TraceError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class TraceRow:
-    kind: str  # "visit" (the subject) or "contact" (someone else at the same site)
+    """One line of the answer: a stay of the subject, or a contact's stay that overlaps one."""
+
+    kind: str  # "stay" (the subject's) or "contact" (someone else's, overlapping the stay above it)
     subject: str
     site: str
-    device: str
-    direction: str
-    ts: str
-    decision: str
-    reason: str
-    visit_ts: str  # for a contact: the subject's visit it overlaps; for a visit: its own ts
-    delta_s: float  # contact ts - visit ts
+    start: str  # this row's stay, UTC RFC 3339
+    end: str
+    stay: str  # how the stay is known: paired | inferred | open_start | entry_only
+    of_stay: str  # a contact: the start of the subject's stay it overlaps; a stay: its own start
+    overlap_start: str  # a contact: where the overlap (with the margin) begins; a stay: ""
+    overlap_end: str
+    overlap_s: float  # a contact: how long; a stay: its own length
 
 
 def parse_time(text: str) -> datetime:
@@ -107,44 +117,51 @@ def check_pseudonym(text: str) -> str:
 
 
 def trace(
-    store: Store, subjects: Sequence[str], start: datetime, end: datetime, window: timedelta
+    store: Store,
+    subjects: Sequence[str],
+    start: datetime,
+    end: datetime,
+    *,
+    margin: timedelta = timedelta(0),
+    min_overlap: timedelta = timedelta(0),
 ) -> list[TraceRow]:
-    """The subjects' visits in [start, end], each followed by everyone else at that site
-    within ± ``window`` of it (by pseudonym; a contact is listed once per visit)."""
+    """The subjects' stays that overlap [start, end], each followed by the other subjects'
+    stays at that site that overlap it (widened by ``margin``) by at least ``min_overlap``."""
     mine = set(subjects)
     rows: list[TraceRow] = []
-    visits = store.visits(list(subjects), start, end)
-    for visit in visits:
-        at = parse_time(visit.ts)
-        rows.append(_row("visit", visit, visit.ts, 0.0))
-        seen: set[str] = set()
-        for other in store.at_site(visit.site, at - window, at + window):
-            if other.subject is None or other.subject in mine or other.subject in seen:
+    for own in store.stays_of(list(subjects), start, end):
+        rows.append(_row("stay", own, own, "", "", own.seconds))
+        lo, hi = own.start - margin, own.end + margin
+        contacts = []
+        for other in store.stays_near(own.site, lo, hi):
+            if other.subject in mine:
                 continue
-            seen.add(other.subject)
-            delta = (parse_time(other.ts) - at).total_seconds()
-            rows.append(_row("contact", other, visit.ts, delta))
+            begins, ends = max(lo, other.start), min(hi, other.end)
+            if ends < begins or ends - begins < min_overlap:
+                continue
+            contacts.append(
+                _row("contact", other, own, utc_ms(begins), utc_ms(ends), (ends - begins).total_seconds())
+            )
+        rows += sorted(contacts, key=lambda r: (r.overlap_start, r.subject, r.start))
     return rows
 
 
-def _row(kind: str, v: Visit, visit_ts: str, delta: float) -> TraceRow:
+def _row(kind: str, s: Stay, own: Stay, begins: str, ends: str, seconds: float) -> TraceRow:
     return TraceRow(
-        kind, v.subject or "", v.site, v.device, v.direction, v.ts, v.decision, v.reason, visit_ts, delta
+        kind,
+        s.subject,
+        s.site,
+        utc_ms(s.start),
+        utc_ms(s.end),
+        s.kind,
+        utc_ms(own.start),
+        begins,
+        ends,
+        seconds,
     )
 
 
-_FIELDS = (
-    "kind",
-    "subject",
-    "site",
-    "device",
-    "direction",
-    "ts",
-    "decision",
-    "reason",
-    "visit_ts",
-    "delta_s",
-)
+_FIELDS = tuple(TraceRow.__dataclass_fields__)
 
 
 def render(rows: Sequence[TraceRow], fmt: str) -> str:
@@ -159,20 +176,36 @@ def render(rows: Sequence[TraceRow], fmt: str) -> str:
         return buf.getvalue()
     if fmt != "table":
         raise TraceError(f"--format: choose from {', '.join(FORMATS)}")
-    header = ("", "subject", "site", "device", "dir", "ts", "decision", "Δs")
+    header = ("", "subject", "site", "from", "to", "stay", "overlap", "for")
     table = [header]
     for r in rows:
-        lead = "VISIT" if r.kind == "visit" else "  contact"
-        delta = "" if r.kind == "visit" else f"{r.delta_s:+.0f}"
-        table.append((lead, r.subject, r.site, r.device, r.direction, r.ts, r.decision, delta))
+        lead = "STAY" if r.kind == "stay" else "  contact"
+        span = "" if r.kind == "stay" else f"{r.overlap_start[11:19]}-{r.overlap_end[11:19]}"
+        table.append((lead, r.subject, r.site, r.start[:19], r.end[:19], r.stay, span, _minutes(r.overlap_s)))
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table
     ]
-    visits = sum(1 for r in rows if r.kind == "visit")
+    stays = sum(1 for r in rows if r.kind == "stay")
     contacts = len({r.subject for r in rows if r.kind == "contact"})
-    lines.append(f"{visits} visits, {contacts} distinct contacts")
+    lines.append(f"{stays} stays, {contacts} distinct contacts (times UTC)")
     return "\n".join(lines) + "\n"
+
+
+def _minutes(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
+def retention_note(start: datetime, end: datetime, retention_days: int, now: datetime) -> str | None:
+    """What a period reaching past retention cannot show, in plain words; None if nothing."""
+    cutoff = now - timedelta(days=retention_days)
+    if start >= cutoff:
+        return None
+    kept = f"check-ins and stays are deleted after {retention_days} days (collector.retention_days)"
+    if end < cutoff:
+        return f"the whole period ends before {utc_ms(cutoff)}: {kept}, so nothing of it can be shown"
+    return f"the period starts before {utc_ms(cutoff)}: {kept}, so only what came after that is shown"
 
 
 def add_arguments(t: argparse.ArgumentParser) -> None:
@@ -188,8 +221,16 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--from", dest="start", required=True, help="ISO 8601 start (UTC unless an offset)")
     t.add_argument("--to", dest="end", required=True, help="ISO 8601 end")
-    t.add_argument("--window", default="15m", help="others within ± this of each visit (default 15m)")
+    t.add_argument(
+        "--margin",
+        "--window",  # the point-in-time window of earlier versions: the nearest thing now
+        dest="margin",
+        default="0",
+        help="widen the subject's stays by this on both sides (the one-hour rule: 1h; default 0)",
+    )
+    t.add_argument("--min-overlap", default="0", help="shortest overlap that counts (e.g. 15m; default 0)")
     t.add_argument("--format", choices=FORMATS, default="table")
+    t.add_argument("--plot", type=Path, help="also draw a timeline to FILE.svg or FILE.png")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -200,7 +241,9 @@ def main(args: argparse.Namespace) -> int:
         start, end = parse_time(args.start), parse_time(args.end)
         if end < start:
             raise TraceError("--to is before --from")
-        window = parse_duration(args.window)
+        margin, min_overlap = parse_duration(args.margin), parse_duration(args.min_overlap)
+        if args.plot is not None and args.plot.suffix.lower() not in (".svg", ".png"):
+            raise TraceError(f"--plot {args.plot}: the file must end in .svg or .png")
         if args.pseudonym is not None:
             subjects = [check_pseudonym(args.pseudonym)]
         else:
@@ -211,17 +254,46 @@ def main(args: argparse.Namespace) -> int:
     except TraceError as exc:
         print(f"trace: {exc}", file=sys.stderr)
         return 2
+    rules = StayRules.from_config(config.collector)
     try:
-        store = open_store(config.collector.store)
+        store = open_store(config.collector.store, rules, retention_days=config.collector.retention_days)
     except StoreError as exc:
         print(f"trace: {exc}", file=sys.stderr)
         return 1
     try:
-        rows = trace(store, subjects, start, end, window)
+        if store.rules_changed:
+            print(
+                "trace: the stays in the store were derived with other rules than this config's "
+                "[collector] day_start/timezone/max_stay_h/default_stay_min; they are rebuilt when "
+                "`collect` starts with this config",
+                file=sys.stderr,
+            )
+        rows = trace(store, subjects, start, end, margin=margin, min_overlap=min_overlap)
     except StoreError as exc:
         print(f"trace: {exc}", file=sys.stderr)
         return 1
     finally:
         store.close()
-    sys.stdout.write(render(rows, args.format))
+    note = retention_note(start, end, config.collector.retention_days, datetime.now(UTC))
+    if note is not None:
+        print(f"trace: {note}", file=sys.stderr)
+    text = render(rows, args.format)
+    if note is not None and args.format == "table":
+        text += f"note: {note}\n"
+    sys.stdout.write(text)
+    if args.plot is not None:
+        try:
+            draw(
+                rows,
+                args.plot,
+                subjects=subjects,
+                period=(start, end),
+                margin=margin,
+                zone=rules.zone,
+                zone_name=rules.zone_name,
+            )
+        except (ImportError, OSError) as exc:
+            print(f"trace: --plot {args.plot}: {exc}", file=sys.stderr)
+            return 1
+        print(f"trace: timeline written to {args.plot}", file=sys.stderr)
     return 0

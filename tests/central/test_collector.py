@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from scanner.gate.publisher import Publisher
 from scanner.models import CheckinEvent
 from scanner.sim.localbroker import LocalBroker
 from tests import pg
-from tests.helpers import seed_devices, unique_name
+from tests.helpers import Checkins, seed_devices, unique_name
 from tests.mqtt_helpers import Subscriber, wait_until
 
 SITE = "site-1"
@@ -696,3 +697,82 @@ def test_status_honours_the_brokers_maximum_packet_size(tmp_path: Path, gates):
         assert all(d["missing"] == 1 for d in status["devices"][:8])
         # Connected once: never thrown off for a packet the broker does not take.
         assert broker.log_tail(500).count(f"as {collector_module.client_id('c1')} (") == 1
+
+
+def test_the_status_counts_who_is_inside_and_retention_runs_without_holding_up_ingest(
+    broker: LocalBroker, url: str, subscribe
+):
+    """Old check-ins in the store go when the collector starts, while new ones keep being
+    stored and acknowledged; the status names each site's inside count from the stays."""
+    prefix = unique_name("t")
+    checkins = Checkins(prefix)
+    now = datetime.now(UTC)
+    store = open_store(url)
+    old = [checkins.event("old-site", "in", now - timedelta(days=40, minutes=i), "1" * 32) for i in range(30)]
+    store.insert_batch(old)
+    assert store.count() == 30
+    collector = Collector(collector_config(broker, prefix, url, "occ"), store).start()
+    try:
+        assert collector.wait_subscribed(10)
+        sub = subscribe(f"{prefix}/{SITE}/+/ack", f"{prefix}/collector/occ/status")
+        fresh = [
+            checkins.event(SITE, "out", now - timedelta(hours=2), "f" * 32, device="gate-out"),
+            checkins.event(SITE, "in", now - timedelta(minutes=10), "a" * 32, device="gate-in"),
+            checkins.event(SITE, "in", now - timedelta(minutes=5), "b" * 32, device="gate-in"),
+            checkins.event(SITE, "in", now - timedelta(minutes=4), "c" * 32, device="gate-in"),
+            checkins.event(SITE, "out", now - timedelta(minutes=1), "c" * 32, device="gate-out"),
+        ]
+        for event in fresh:
+            sub.publish(f"{prefix}/{SITE}/{event.device}/checkin", event.raw)
+
+        def inside(_m: object) -> object:
+            statuses = [json.loads(m.payload) for m in list(sub.messages) if m.topic.endswith("/status")]
+            return statuses and statuses[-1].get("occupancy") == [{"site": SITE, "inside": 2}]
+
+        assert sub.wait_for(inside, 15), [m.payload for m in list(sub.messages)][-2:]
+        assert wait_until(lambda: collector.stats()["retention_runs"] >= 1, 10)
+        assert collector.stats()["stored"] == len(fresh)
+    finally:
+        collector.stop()
+        store.close()
+    check = open_store(url)
+    try:
+        assert check.count() == len(fresh)  # the 40-day-old ones are gone, the new ones kept
+        assert check.islands()[("old-site", "old-site-in")] == [(1, 30)]  # deleted, not missing
+    finally:
+        check.close()
+
+
+def test_every_row_of_the_entries_exits_and_door_contract_parses():
+    entry = parse_event(TOPIC, json.dumps(_event(seq=1)).encode(), "gate")
+    rows = [
+        _event(seq=2, direction="out"),  # a scan at an exit gate
+        _event(seq=3, decision="annulled", reason="no_passage", annuls=entry.event_id),
+        _event(seq=4, direction="out", reason="exit_request", credential={"type": "exit_button"}),
+        _event(seq=5, decision="rejected", reason="forced_passage", credential={"type": "none"}),
+        _event(
+            seq=6,
+            reason="occupancy_set",
+            credential={"type": "operator", "issuer": "1a2b3c4d"},
+            occupancy={"inside": 12},
+        ),
+        _event(seq=7, flags=["over_capacity"]),
+    ]
+    parsed = [parse_event(TOPIC, json.dumps(doc).encode(), "gate") for doc in rows]
+    assert [(e.direction, e.decision, e.reason, e.subject is None) for e in parsed] == [
+        ("out", "accepted", "ok", False),
+        ("in", "annulled", "no_passage", False),
+        ("out", "accepted", "exit_request", True),
+        ("in", "rejected", "forced_passage", True),
+        ("in", "accepted", "occupancy_set", True),
+        ("in", "accepted", "ok", False),
+    ]
+    assert parsed[1].annuls == entry.event_id and json.loads(parsed[4].raw)["occupancy"] == {"inside": 12}
+    for bad in (
+        _event(decision="annulled", reason="no_passage"),  # annuls what?
+        _event(decision="annulled", reason="no_passage", annuls="not-an-id"),
+        _event(annuls=entry.event_id),  # only an annulment names one
+        _event(decision="maybe"),
+    ):
+        with pytest.raises(InvalidEvent):
+            parse_event(TOPIC, json.dumps(bad).encode(), "gate")

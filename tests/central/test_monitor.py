@@ -151,6 +151,8 @@ def test_monitor_json_shows_gates_and_checkins(fleet: Any, tmp_path: Path) -> No
             "version": "1.0",
             "alarms": ["camera"],
             "invalid": [],
+            "inside_gate": None,
+            "inside_stays": None,
         }
         assert [o["availability"] for o in seen if o["device"] == "gate-09"] == ["offline"]
         gates.publish(f"{prefix}/site-a/gate-01/checkin", checkin("site-a", "gate-01", 1, "accepted", "ok"))
@@ -475,3 +477,27 @@ def test_monitor_json_shows_each_sites_occupancy(fleet: Any, tmp_path: Path) -> 
         "gates": 1,
     }
     assert sites[-1]["inside"] == 4
+
+
+def test_inside_counts_from_the_gates_and_from_the_collectors_stays_side_by_side() -> None:
+    mon = Monitor("gate", site="s1")
+    assert "gate/collector/+/status" in mon.topics()  # the collector is not under the site
+    mon.handle("gate/s1/g1/status", json.dumps({"occupancy": {"inside": 7}}).encode(), True)
+    mon.handle("gate/s1/g2/status", json.dumps({"occupancy": {"inside": 7}}).encode(), True)
+    assert mon.gates[("s1", "g1")].inside_stays is None  # no collector heard from yet: unknown
+    assert mon.differences() == []
+    status = {"schema": "gate-scanner/collector-status/1", "occupancy": [{"site": "s1", "inside": 5}]}
+    row, line = mon.handle("gate/collector/c1/status", json.dumps(status).encode(), True)
+    assert row is not None and line is None
+    assert [(r.inside_gate, r.inside_stays) for r in mon.gates.values()] == [(7, 5), (7, 5)]
+    assert mon.differences() == ["site s1: the gates count 7 inside, the stays 5"]
+    table = mon.table()
+    assert "in:gate" in table and "in:stays" in table and "the gates count 7 inside, the stays 5" in table
+    # A site the collector does not name has nobody inside by the stays; agreement is no line.
+    mon.handle("gate/collector/c1/status", json.dumps({"occupancy": []}).encode(), True)
+    mon.handle("gate/s1/g1/status", json.dumps({"occupancy": {"inside": 0}}).encode(), True)
+    mon.handle("gate/s1/g2/status", json.dumps({"occupancy": {"inside": 0}}).encode(), True)
+    assert [r.inside_stays for r in mon.gates.values()] == [0, 0] and mon.differences() == []
+    # Hostile or old payloads change nothing and break nothing.
+    for junk in (b"[]", b'{"occupancy": {"s1": 3}}', b'{"occupancy": [{"site": 1, "inside": "x"}]}'):
+        assert mon.handle("gate/collector/c1/status", junk, True) == (None, None)
