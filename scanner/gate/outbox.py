@@ -56,6 +56,9 @@ CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL)
 # Seqs reserved per sidecar write: one extra fsync per this many appends, and the gap a
 # corrupted outbox leaves at the collector is at most this much larger than the real loss.
 SEQ_BLOCK = 1000
+# A corrupt outbox moved aside is kept this long for a technician, then deleted: the longest
+# time any contact-tracing system kept check-ins (4 weeks), never longer.
+QUARANTINE_KEEP_DAYS = 28
 # What SQLite says about a file it cannot trust (as opposed to one it cannot open at all).
 _CORRUPT_MARKERS = ("file is not a database", "malformed", "corrupt")
 
@@ -100,6 +103,21 @@ class Outbox:
             except _Corrupt as again:
                 raise OutboxError(f"cannot use {self.path}: {again}") from again
         self._conn = conn
+        self._expire_quarantined()
+
+    def _expire_quarantined(self) -> None:
+        """Delete quarantined outboxes older than QUARANTINE_KEEP_DAYS: kept that long for a
+        technician to look into, never longer than the check-ins in them may be kept at all."""
+        cutoff = time.time() - QUARANTINE_KEEP_DAYS * 86_400
+        for old in self.path.parent.glob(f"{self.path.name}.corrupt-*"):
+            try:
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+                    log.warning(
+                        "deleted %s: a quarantined outbox older than %d days", old, QUARANTINE_KEEP_DAYS
+                    )
+            except OSError as exc:
+                log.warning("cannot delete the old quarantined outbox %s: %s", old, exc)
 
     def _open(self) -> sqlite3.Connection:
         try:
@@ -118,6 +136,9 @@ class Outbox:
                 log.warning("outbox %s: journal_mode is %s, not wal", self.path, mode)
             # FULL: the WAL is fsynced on every commit, so a returned append survives power loss.
             conn.execute("PRAGMA synchronous=FULL")
+            # A delivered check-in is personal data the gate no longer needs: zero its bytes
+            # instead of leaving them readable in free pages until they happen to be reused.
+            conn.execute("PRAGMA secure_delete=ON")
             fresh = conn.execute("SELECT name FROM sqlite_master WHERE name = 'meta'").fetchone() is None
             if not fresh:
                 check = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
@@ -280,6 +301,13 @@ class Outbox:
                 raise
             deleted = conn.total_changes - before
             self._depth -= deleted
+            if deleted and self._depth == 0:
+                # Drained: fold the WAL into the database and cut it to nothing, so the frames
+                # that still held delivered check-ins are gone from the card too.
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error as exc:  # only tidiness failed: the rows are deleted
+                    log.warning("outbox %s: checkpoint after draining failed: %s", self.path, exc)
             return deleted
 
     # --- reading ---------------------------------------------------------------------------

@@ -350,3 +350,26 @@ def test_sigkill_between_reservations_then_corruption_never_reuses(tmp_path: Pat
     with Outbox(db, max_events=100, seq_block=3) as ob:
         assert ob.quarantined is not None
         assert ob.append(payload) > max(stored)
+
+
+def test_delivered_check_ins_leave_no_readable_trace_on_the_card(tmp_path: Path) -> None:
+    marker = b"SUBJECT-c5425260c5425260-MARKER"
+    ob = Outbox(tmp_path / "o.db", max_events=100)
+    for _ in range(20):
+        ob.append(lambda seq, created: marker + str(seq).encode())
+    ob.remove_upto(20)  # the collector acknowledged every one
+    assert ob.depth() == 0
+    files = [p for p in tmp_path.iterdir() if p.name.startswith("o.db")]
+    assert files and not any(marker in p.read_bytes() for p in files), [p.name for p in files]
+    ob.close()
+
+
+def test_a_quarantined_outbox_is_deleted_after_four_weeks(tmp_path: Path) -> None:
+    old = tmp_path / "o.db.corrupt-20261001T000000.000000Z"
+    recent = tmp_path / "o.db.corrupt-20261204T000000.000000Z"
+    for path, age_days in ((old, 29), (recent, 3)):
+        path.write_bytes(b"unsent check-ins")
+        stamp = time.time() - age_days * 86_400
+        os.utime(path, (stamp, stamp))
+    Outbox(tmp_path / "o.db", max_events=10).close()
+    assert not old.exists() and recent.exists()
