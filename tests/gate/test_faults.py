@@ -421,9 +421,21 @@ def _stored_decisions(collector: CollectorProc, cfg: config_mod.Config) -> list[
         return [str(r[0]) for r in rows]
 
 
+def _called_from(name: str, depth: int = 4) -> bool:
+    """Whether ``name`` is among the callers (the gate's clock wraps this one, so not always next)."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class JumpingClock:
     """Wall time that jumps +1 day after the first scan and to -1 day after the fourth; the
-    monotonic clock is the real one. Counts only the scans' calls (Gate._scan asks once per
+    monotonic clock is the real one. Counts only the scans' calls (the Gate asks once per
     scan; the pipeline thread's other readers, the site's day among them, see the jumps too)."""
 
     def __init__(self) -> None:
@@ -431,7 +443,7 @@ class JumpingClock:
         self.offset = timedelta(0)
 
     def now(self) -> datetime:
-        if sys._getframe(1).f_code.co_name == "_scan":
+        if _called_from("_scan_locked"):
             self.scans += 1
             if self.scans == 2:
                 self.offset = timedelta(days=1)
