@@ -99,11 +99,15 @@ def test_config_fragments_parse() -> None:
         ini.read_string((FILES / name).read_text())
         assert ini[section][key] == value
 
-    packages = (STAGE / "00-gate-scanner" / "00-packages").read_text().split()
-    assert {"python3-venv", "python3-picamera2", "python3-lgpio", "libzbar0t64"} <= set(packages)
-    chroot = (STAGE / "00-gate-scanner" / "02-run-chroot.sh").read_text()
+    # pi-gen gets the shared list appended to its own (firmware/build-image.sh).
+    pi_only = set((STAGE / "00-gate-scanner" / "00-packages").read_text().split())
+    shared = set((FILES / "gate-scanner-packages.txt").read_text().split())
+    assert {"python3-picamera2", "python3-lgpio"} <= pi_only
+    assert {"python3-venv", "libzbar0t64", "overlayroot"} <= shared
+    chroot = (FILES / "gate-scanner-setup-chroot.sh").read_text()
     assert "venv --system-site-packages /opt/gate-scanner/.venv" in chroot
     assert "-G video,gpio gate-scanner" in chroot
+    assert "gate-scanner-setup-chroot.sh" in (STAGE / "00-gate-scanner" / "02-run-chroot.sh").read_text()
 
 
 def make_bundle(tmp: Path, out: Path) -> None:
