@@ -9,6 +9,9 @@
 #       mmdebstrap (no docker): root, qemu-user-static with binfmt_misc, mmdebstrap, mtools,
 #       dosfstools, e2fsprogs, fdisk. WORKDIR env (default /var/tmp/gate-scanner-debian) keeps
 #       the bootstrapped base root between builds; delete it to start from the archive again.
+#   firmware/build-image.sh --tree DIR
+#       Only the files the Debian recipe lays onto a root (units, scripts, fstab, boot
+#       settings), into DIR: no packages, no root needed. tests/test_firmware.py checks it.
 #
 # Both install the same gate pieces from firmware/files (gate-scanner-install-files.sh on the
 # root, gate-scanner-setup-chroot.sh inside it) and the same offline wheelhouse
@@ -117,10 +120,13 @@ debian_base() {
   echo "$key" >"$base.key"
 }
 
-debian_customize() {
-  local root=$1 wheelhouse=$2
+# Everything the Debian image gets as files, with no package or chroot involved: what
+# `--tree DIR` lays out for tests/test_firmware.py, so the recipe cannot rot unseen.
+debian_lay_files() {
+  local root=$1
   say "laying the gate's files onto the root"
   "$files/gate-scanner-install-files.sh" "$root" "$files" "$repo/systemd/gate-scanner.service"
+  install -d -m 0755 "$root/etc/udev/rules.d" "$root/opt"
   install -m 0644 "$here/debian/99-gate-scanner-gpio.rules" "$root/etc/udev/rules.d/99-gate-scanner-gpio.rules"
   install -m 0644 "$here/debian/gate-scanner-sshkeys.service" "$root/etc/systemd/system/gate-scanner-sshkeys.service"
   install -d -m 0755 "$root/etc/systemd/network"
@@ -135,11 +141,22 @@ debian_customize() {
     grep -v -e "LABEL=$ROOT_LABEL" -e "LABEL=$BOOT_LABEL" -e '^# UNCONFIGURED' "$root/etc/fstab" || true
   } >"$root/etc/fstab.new"
   mv "$root/etc/fstab.new" "$root/etc/fstab"
-  # The kernel command line raspi-firmware writes into cmdline.txt, now and on kernel updates.
-  sed -i -e "s|^#\?ROOTPART=.*|ROOTPART=LABEL=$ROOT_LABEL|" "$root/etc/default/raspi-firmware"
-  grep -q "^ROOTPART=LABEL=$ROOT_LABEL" "$root/etc/default/raspi-firmware" ||
-    echo "ROOTPART=LABEL=$ROOT_LABEL" >>"$root/etc/default/raspi-firmware"
+  # raspi-firmware writes config.txt and cmdline.txt afresh on every kernel update, from
+  # /etc/default/raspi-firmware (root, consoles) and raspi-firmware-custom (our config.txt
+  # lines); the serial console on the Pi 3/Zero 2 header is ttyS1, the last one /dev/console.
+  install -d -m 0755 "$root/etc/default"
+  if [ ! -f "$root/etc/default/raspi-firmware" ]; then
+    printf '#ROOTPART=/dev/mmcblk0p2\n#CONSOLES="auto"\n' >"$root/etc/default/raspi-firmware"
+  fi
+  sed -i -e "s|^#\?ROOTPART=.*|ROOTPART=LABEL=$ROOT_LABEL|" \
+    -e 's|^#\?CONSOLES=.*|CONSOLES="tty0 ttyS1,115200"|' "$root/etc/default/raspi-firmware"
+  grep -q "^ROOTPART=LABEL=$ROOT_LABEL" "$root/etc/default/raspi-firmware"
+  install -m 0644 "$files/config.txt.gate-scanner" "$root/etc/default/raspi-firmware-custom"
+}
 
+debian_customize() {
+  local root=$1 wheelhouse=$2
+  debian_lay_files "$root"
   rm -rf "$root/tmp/gate-scanner-wheelhouse"
   cp -r "$wheelhouse" "$root/tmp/gate-scanner-wheelhouse"
   cp "$files/gate-scanner-setup-chroot.sh" "$root/tmp/gate-scanner-wheelhouse/"
@@ -158,10 +175,8 @@ debian_customize() {
     usermod -p "*" technician
     echo "technician ALL=(ALL) NOPASSWD: ALL" >/etc/sudoers.d/010_technician
     chmod 0440 /etc/sudoers.d/010_technician
-    # Regenerate cmdline.txt and config.txt from /etc/default/raspi-firmware.
-    for kernel in /boot/vmlinuz-*; do
-      /etc/kernel/postinst.d/z50-raspi-firmware "${kernel#/boot/vmlinuz-}"
-    done
+    # Regenerate cmdline.txt and config.txt from /etc/default/raspi-firmware*.
+    DEB_MAINT_PARAMS=configure /etc/kernel/postinst.d/z50-raspi-firmware
   '
   install -d -m 0700 -o 1000 -g 1000 "$root/home/technician/.ssh"
   if [ -f "$pubkey_file" ]; then
@@ -242,6 +257,9 @@ build_debian() {
 if [ "${1:-}" = "--debian" ]; then
   if [ $# -ne 2 ]; then echo "usage: $0 --debian OUT.img" >&2; exit 2; fi
   build_debian "$2"
+elif [ "${1:-}" = "--tree" ]; then
+  if [ $# -ne 2 ]; then echo "usage: $0 --tree DIR" >&2; exit 2; fi
+  debian_lay_files "$2"
 else
   build_pi_gen "${1:-}"
 fi
