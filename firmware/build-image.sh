@@ -87,6 +87,13 @@ chroot_mounts() {
   mount --bind /dev/pts "$root/dev/pts"
 }
 
+# The build machine's environment stays out of the image (a pip index, PYTHONDONTWRITEBYTECODE).
+in_root() {
+  local root=$1
+  shift
+  env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 chroot "$root" "$@"
+}
+
 chroot_unmount() {
   local root=$1 point
   for point in dev/pts dev sys proc; do
@@ -163,10 +170,10 @@ debian_customize() {
   chroot_mounts "$root"
   trap 'chroot_unmount "'"$root"'"' RETURN
   say "inside the arm64 root: user, venv, wheel, units"
-  chroot "$root" /bin/bash /tmp/gate-scanner-wheelhouse/gate-scanner-setup-chroot.sh /tmp/gate-scanner-wheelhouse
+  in_root "$root" /bin/bash /tmp/gate-scanner-wheelhouse/gate-scanner-setup-chroot.sh /tmp/gate-scanner-wheelhouse
   rm -rf "$root/tmp/gate-scanner-wheelhouse"
   # shellcheck disable=SC2016 # expanded inside the image, not here
-  chroot "$root" /bin/sh -ec '
+  in_root "$root" /bin/sh -ec '
     systemctl enable systemd-networkd.service systemd-resolved.service ssh.service gate-scanner-sshkeys.service
     if ! id technician >/dev/null 2>&1; then
       useradd --create-home --shell /bin/bash --groups sudo,adm,video,gpio technician

@@ -19,5 +19,8 @@ python3 -m venv --system-site-packages /opt/gate-scanner/.venv
 # Offline and pinned: only what the wheelhouse holds (hashes checked first) can be installed.
 (cd "$wheelhouse" && sha256sum --quiet -c SHA256SUMS)
 /opt/gate-scanner/.venv/bin/pip install --quiet --no-index --find-links "$wheelhouse" gate-scanner
+# The root is read-only at run time: bytecode not compiled now would be compiled again in
+# memory at every start of the daemon and of its decoder process.
+/opt/gate-scanner/.venv/bin/python -m compileall -q -j 0 /opt/gate-scanner/.venv/lib >/dev/null
 ln -sf /opt/gate-scanner/.venv/bin/gate-scanner /usr/local/bin/gate-scanner
 systemctl enable gate-scanner.service gate-scanner-firstboot.service gate-scanner-datapart.service
