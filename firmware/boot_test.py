@@ -53,6 +53,7 @@ FRAMES_DIR = "gate-scanner-frames"  # on the FAT partition: /boot/firmware/gate-
 FPS = 10.0
 TAIL_S = 40.0  # empty frames after the scenes: the gate keeps running while it is measured
 REPO = Path(__file__).resolve().parent.parent
+LOOP = "import time; t = time.perf_counter(); sum(range(3_000_000)); print(time.perf_counter() - t)"
 started = time.monotonic()
 
 
@@ -495,6 +496,13 @@ def run(image: Path, work: Path, card_mib: int) -> dict[str, Any]:
                 "FAILED" not in selftest and "checks passed" in selftest,
                 "selftest --unattended passes in the guest",
             )
+            # How much slower than this host's own x86 core the emulated Cortex-A53 is, for
+            # estimating a Pi from these timings (the same pure-Python loop on both).
+            guest_s = float(c.ssh(f"python3 -c '{LOOP}'").strip())
+            host = subprocess.run([sys.executable, "-c", LOOP], capture_output=True, text=True, check=True)
+            host_s = float(host.stdout)
+            figures["python_loop_guest_s"] = round(guest_s, 3)
+            figures["python_loop_host_s"] = round(host_s, 3)
             seq_before = max(e["seq"] for _, e in subscriber.checkins(c.started))
             ids_before = {e["event_id"] for _, e in subscriber.checkins(c.started)}
             subjects_before = {e["credential"].get("subject") for _, e in subscriber.checkins(c.started)}

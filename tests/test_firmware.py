@@ -358,12 +358,14 @@ def test_the_read_only_switch_edits_the_command_line_once(tmp_path: Path) -> Non
     switch("enable")
     line = (boot / "cmdline.txt").read_text()
     assert line.count("\n") == 1 and line.split().count("overlayroot=tmpfs:recurse=0") == 1
-    assert line.split()[:-1] == HOOK_CMDLINE.split()  # nothing else touched
+    # ro after the hook's rw: the last wins, and the card's root stays read-only underneath.
+    assert line.split()[-2:] == ["ro", "overlayroot=tmpfs:recurse=0"]
+    assert line.split()[:-2] == HOOK_CMDLINE.split()  # nothing else touched
     # raspi-firmware rebuilds cmdline.txt on a kernel update with this file's line appended.
-    assert (tmp_path / "etc/default/raspi-extra-cmdline").read_text() == "overlayroot=tmpfs:recurse=0\n"
+    assert (tmp_path / "etc/default/raspi-extra-cmdline").read_text() == "ro overlayroot=tmpfs:recurse=0\n"
     switch("disable")
     assert (boot / "cmdline.txt").read_text().split() == HOOK_CMDLINE.split()
-    assert "overlayroot" not in (tmp_path / "etc/default/raspi-extra-cmdline").read_text()
+    assert (tmp_path / "etc/default/raspi-extra-cmdline").read_text().split() == []
 
 
 def test_first_boot_installs_the_technicians_ssh_keys(tmp_path: Path) -> None:

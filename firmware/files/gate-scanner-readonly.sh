@@ -14,13 +14,16 @@ set -euo pipefail
 what=${1:-}
 root=${ROOT:-}
 boot=${2:-$root/boot/firmware}
-arg=overlayroot=tmpfs:recurse=0
+# `ro` too: Debian's raspi-firmware writes `rw` into cmdline.txt, the initramfs then mounts
+# the card's root read-write, and overlayroot keeps that mount as the lower layer; the last
+# of `rw`/`ro` wins, so the card stays read-only underneath.
+arg="ro overlayroot=tmpfs:recurse=0"
 cmdline=$boot/cmdline.txt
 # Debian's raspi-firmware rewrites cmdline.txt on every kernel update from its defaults; this
 # file is where it takes extra arguments from, so the setting survives an update.
 extra=$root/etc/default/raspi-extra-cmdline
 
-strip() { sed -E 's/(^| )overlayroot=[^ ]*//g; s/^ +//' "$1"; }
+strip() { sed -E 's/(^| )(ro )?overlayroot=[^ ]*//g; s/^ +//' "$1"; }
 case "$what" in
   enable)
     line=$(strip "$cmdline" | tr -d '\n')
