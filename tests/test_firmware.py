@@ -50,6 +50,7 @@ def test_shellcheck_every_script() -> None:
     [
         FILES / "gate-scanner-firstboot.service",
         FILES / "gate-scanner-datapart.service",
+        FILES / "gate-scanner-lower-ro.service",
         ROOT / "firmware/debian/gate-scanner-sshkeys.service",
     ],
     ids=lambda p: p.name,
@@ -260,7 +261,8 @@ def test_the_debian_recipe_lays_a_complete_tree(tmp_path: Path) -> None:
 
     sysd = root / "etc/systemd/system"
     for unit in ("gate-scanner.service", "gate-scanner-firstboot.service", "gate-scanner-datapart.service",
-                 "gate-scanner-sshkeys.service", "gate-scanner.service.d/data.conf"):  # fmt: skip
+                 "gate-scanner-lower-ro.service", "gate-scanner-sshkeys.service",
+                 "gate-scanner.service.d/data.conf"):  # fmt: skip
         assert (sysd / unit).is_file(), unit
     assert (sysd / "gate-scanner.service").read_bytes() == (
         ROOT / "systemd/gate-scanner.service"
@@ -358,11 +360,9 @@ def test_the_read_only_switch_edits_the_command_line_once(tmp_path: Path) -> Non
     switch("enable")
     line = (boot / "cmdline.txt").read_text()
     assert line.count("\n") == 1 and line.split().count("overlayroot=tmpfs:recurse=0") == 1
-    # ro after the hook's rw: the last wins, and the card's root stays read-only underneath.
-    assert line.split()[-2:] == ["ro", "overlayroot=tmpfs:recurse=0"]
-    assert line.split()[:-2] == HOOK_CMDLINE.split()  # nothing else touched
+    assert line.split()[:-1] == HOOK_CMDLINE.split()  # nothing else touched
     # raspi-firmware rebuilds cmdline.txt on a kernel update with this file's line appended.
-    assert (tmp_path / "etc/default/raspi-extra-cmdline").read_text() == "ro overlayroot=tmpfs:recurse=0\n"
+    assert (tmp_path / "etc/default/raspi-extra-cmdline").read_text() == "overlayroot=tmpfs:recurse=0\n"
     switch("disable")
     assert (boot / "cmdline.txt").read_text().split() == HOOK_CMDLINE.split()
     assert (tmp_path / "etc/default/raspi-extra-cmdline").read_text().split() == []

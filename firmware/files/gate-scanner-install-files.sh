@@ -21,7 +21,7 @@ install -d -m 0755 "$sysd/gate-scanner.service.d" "$root/etc/systemd/system.conf
   "$root/var/lib/gate-scanner" "$root/boot/firmware"
 install -m 0644 "$unit" "$sysd/gate-scanner.service"
 install -m 0644 "$files/gate-scanner-data.conf" "$sysd/gate-scanner.service.d/data.conf"
-for name in gate-scanner-firstboot.service gate-scanner-datapart.service; do
+for name in gate-scanner-firstboot.service gate-scanner-datapart.service gate-scanner-lower-ro.service; do
   install -m 0644 "$files/$name" "$sysd/$name"
 done
 for name in gate-scanner-firstboot.sh gate-scanner-datapart.sh gate-scanner-readonly.sh; do

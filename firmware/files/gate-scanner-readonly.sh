@@ -14,10 +14,10 @@ set -euo pipefail
 what=${1:-}
 root=${ROOT:-}
 boot=${2:-$root/boot/firmware}
-# `ro` too: Debian's raspi-firmware writes `rw` into cmdline.txt, the initramfs then mounts
-# the card's root read-write, and overlayroot keeps that mount as the lower layer; the last
-# of `rw`/`ro` wins, so the card stays read-only underneath.
-arg="ro overlayroot=tmpfs:recurse=0"
+# Not `ro` as well: overlayroot would then mount the overlay itself read-only. The card's root
+# under it (mounted read-write where cmdline.txt says rw, as Debian's does) is made read-only
+# by gate-scanner-lower-ro.service instead.
+arg=overlayroot=tmpfs:recurse=0
 cmdline=$boot/cmdline.txt
 # Debian's raspi-firmware rewrites cmdline.txt on every kernel update from its defaults; this
 # file is where it takes extra arguments from, so the setting survives an update.

@@ -23,4 +23,5 @@ python3 -m venv --system-site-packages /opt/gate-scanner/.venv
 # memory at every start of the daemon and of its decoder process.
 /opt/gate-scanner/.venv/bin/python -m compileall -q -j 0 /opt/gate-scanner/.venv/lib >/dev/null
 ln -sf /opt/gate-scanner/.venv/bin/gate-scanner /usr/local/bin/gate-scanner
-systemctl enable gate-scanner.service gate-scanner-firstboot.service gate-scanner-datapart.service
+systemctl enable gate-scanner.service gate-scanner-firstboot.service gate-scanner-datapart.service \
+  gate-scanner-lower-ro.service
