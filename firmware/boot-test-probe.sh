@@ -32,6 +32,7 @@ cat <<JSON
  "lower": "$(findmnt -no SOURCE,FSTYPE,OPTIONS /media/root-ro 2>/dev/null)",
  "data": "$(findmnt -no SOURCE,FSTYPE,OPTIONS $state)",
  "data_label": "$(lsblk -no LABEL "$(findmnt -no SOURCE $state)" 2>/dev/null)",
+ "data_mib": $(df -m --output=size $state | tail -n 1),
  "firstboot_enabled": "$(systemctl is-enabled $firstboot 2>&1)",
  "firstboot_ran_this_boot": "$(systemctl show -p ExecMainStartTimestampMonotonic --value $firstboot)",
  "marker": "$(cat /gate-scanner-boot-test-marker 2>/dev/null || echo absent)",

@@ -480,6 +480,10 @@ def run(image: Path, work: Path, card_mib: int) -> dict[str, Any]:
                   f"the card's root is mounted read-only underneath: {inside['lower']}")  # fmt: skip
             check(inside["data_label"] == "GATEDATA" and "rw" in inside["data"].split()[-1].split(","),
                   f"the data partition is GATEDATA, read-write: {inside['data']}")  # fmt: skip
+            check(
+                inside["data_mib"] > (card_mib - 1500),
+                f"the data partition fills the card: {inside['data_mib']} MiB",
+            )
             wd = inside["watchdog"]
             check(wd["state"] == "active" and wd["runtime"] == "15s",
                   f"systemd feeds the hardware watchdog: {wd}")  # fmt: skip
