@@ -394,7 +394,7 @@ _CHILD = (
     "from multiprocessing.connection import Connection\n"
     "conn = Connection(int(sys.argv[1]))\n"
     "sys.path[:] = conn.recv()\n"
-    "from scanner.decode import _serve\n"
+    f"from {__name__} import _serve\n"  # this module, wherever the package puts it
     "_serve(conn, int(sys.argv[2]))\n"
 )
 
