@@ -22,16 +22,22 @@ if [ -z "$disk" ]; then
   rootpart=$(findmnt -no SOURCE /)
   disk=/dev/$(lsblk -no PKNAME "$rootpart")
 fi
-# Free space after the last partition, in 512-byte sectors (sfdisk --list-free).
-free_sectors=$(sfdisk --list-free "$disk" | awk '/^ *[0-9]+ +[0-9]+ +[0-9]+/ {s = $3} END {print s + 0}')
-free_mib=$((free_sectors / 2048))
+# The free space after the last partition, in 512-byte sectors (the last line of sfdisk
+# --list-free), and nothing else: a card image also has a few MiB free before the boot
+# partition, and sfdisk's own default start would put the data partition there.
+read -r free_start free_sectors < <(sfdisk --list-free "$disk" |
+  awk '/^ *[0-9]+ +[0-9]+ +[0-9]+/ {s = $1; n = $3} END {print s + 0, n + 0}')
+# Start and size on 1 MiB boundaries, as flash erase blocks like.
+start=$(((free_start + 2047) / 2048 * 2048))
+size=$(((free_sectors - (start - free_start)) / 2048 * 2048))
+free_mib=$((size / 2048))
 if [ "$free_mib" -lt "$min_mib" ]; then
   echo "gate-scanner-datapart: only ${free_mib} MiB free on $disk (the root was grown over the card?): reflash" >&2
   exit 1
 fi
-echo "gate-scanner-datapart: creating $label (${free_mib} MiB) on $disk"
+echo "gate-scanner-datapart: creating $label (${free_mib} MiB at sector $start) on $disk"
 if [ "$dry_run" = 1 ]; then exit 0; fi
-printf ',,L\n' | sfdisk --append --no-reread "$disk"
+printf 'start=%s, size=%s, type=83\n' "$start" "$size" | sfdisk --append --no-reread "$disk"
 partx -u "$disk"
 part=$(lsblk -lnpo NAME "$disk" | tail -n 1)
 udevadm settle

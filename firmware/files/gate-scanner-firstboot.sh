@@ -4,12 +4,15 @@
 # root file system read-only and reboot.
 #
 # Bundle (made by `gate-scanner provision`): BOOT/gate-scanner/ or BOOT/gate-scanner.tar with
-# gate.toml ca.pem device.crt device.key [subject.key] [lists/*] SHA256SUMS.
+# gate.toml ca.pem device.crt device.key [subject.key] [lists/*] [authorized_keys] SHA256SUMS.
+# authorized_keys (optional, added to the bundle by hand before SHA256SUMS is made): the
+# technician's SSH keys, so one image serves fleets with different keys.
 #
 # Usage: gate-scanner-firstboot.sh [--root DIR] [--boot DIR]
 #   --root DIR (or ROOT=DIR): install under DIR instead of /; for tests. With a root prefix
 #   the overlay is not enabled and nothing reboots.
-# Environment: GATE_SCANNER (the CLI), SCANNER_USER (owner of the state files).
+# Environment: GATE_SCANNER (the CLI), SCANNER_USER (owner of the state files), TECHNICIAN
+# (the login user that authorized_keys is for).
 set -euo pipefail
 
 root=${ROOT:-}
@@ -25,6 +28,7 @@ root=${root%/}
 boot=${boot:-$root/boot/firmware}
 cli=${GATE_SCANNER:-/opt/gate-scanner/.venv/bin/gate-scanner}
 user=${SCANNER_USER:-gate-scanner}
+technician=${TECHNICIAN:-technician}
 etc=$root/etc/gate-scanner
 state=$root/var/lib/gate-scanner
 log_file=$boot/gate-scanner-provision.log
@@ -76,6 +80,16 @@ if [ -d "$bundle/lists" ]; then
   done
 fi
 
+if [ -f "$bundle/authorized_keys" ]; then
+  if home=$(getent passwd "$technician" | cut -d: -f6) && [ -n "$home" ]; then
+    install -d -m 0700 -o "$technician" -g "$technician" "$root$home/.ssh"
+    install -m 0600 -o "$technician" -g "$technician" "$bundle/authorized_keys" "$root$home/.ssh/authorized_keys"
+    log "SSH keys installed for $technician"
+  else
+    log "authorized_keys: no user $technician on this image; skipped"
+  fi
+fi
+
 # Validate exactly what was installed. gate.toml names paths on the device; under a root
 # prefix (tests) a copy with those paths prefixed is checked instead.
 check=$etc/gate.toml
@@ -101,7 +115,7 @@ rm -f "$root/etc/systemd/system/multi-user.target.wants/gate-scanner-firstboot.s
 if [ -z "$root" ]; then
   # The overlay takes effect at the next boot: from then on / is a tmpfs overlay over a
   # read-only ext4, and only /var/lib/gate-scanner (its own partition) and /boot/firmware persist.
-  raspi-config nonint do_overlayfs 0
+  "${READONLY:-/usr/local/sbin/gate-scanner-readonly.sh}" enable "$boot"
   log "read-only root enabled; rebooting"
   systemctl --no-block reboot
 fi

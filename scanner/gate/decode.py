@@ -17,11 +17,18 @@ Every symbol comes from an engine's own valid, error-corrected decode: the steps
 what the engines look at, so no step can invent a payload. Payloads are bytes: the engines
 disagree on character sets.
 
-Isolation: with ``isolate=True`` the chain runs in a persistent child process
-(forkserver, so no parent threads are copied), the frame crosses in one preallocated shared
-memory block, and each frame has a deadline. A segfault, abort or hang in native code costs
-that one frame (no symbols, counted in :attr:`Decoder.worker_failures`) and a respawn,
-never the daemon.
+Isolation: with ``isolate=True`` the chain runs in a persistent child process,
+the frame crosses in one preallocated shared memory block, and each frame has a deadline. A
+segfault, abort or hang in native code costs that one frame (no symbols, counted in
+:attr:`Decoder.worker_failures`) and a respawn, never the daemon.
+
+The child is a fresh interpreter (no parent threads copied) started with ``subprocess``, not
+multiprocessing (a Pi Zero 2 W has 512 MB): multiprocessing's forkserver and spawn
+each add a resource-tracker process, and the forkserver a third interpreter that imports the
+daemon's entry script; the frame block is a memfd instead of a named ``SharedMemory`` for the
+same reason. The child imports numpy, zxing-cpp and this module; OpenCV only if a frame
+needs a step that uses it (odd-sized probe, blur, upscaled crop), so most frames never load
+it there.
 """
 
 from __future__ import annotations
@@ -33,16 +40,17 @@ import dataclasses
 import functools
 import json
 import logging
-import multiprocessing
+import mmap
 import multiprocessing.connection
+import os
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from scanner.console import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
@@ -312,11 +320,24 @@ def _global_histogram() -> Any:
 def _probe(image: np.ndarray) -> tuple[list[Symbol], list[Polygon]]:
     # Half size averages away print and fabric texture finer than a module; one binariser
     # pass without the rotate/downscale/invert retries keeps it at ~10% of the main pass.
-    small = cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    small = _half(image)
     symbols, candidates = _zxing(
         small, binarizer=_global_histogram(), try_rotate=False, try_downscale=False, try_invert=False
     )
     return [_moved(s, 2.0, 0, 0) for s in symbols], [_scaled(c, 2.0, 0, 0) for c in candidates]
+
+
+def _half(image: np.ndarray) -> np.ndarray:
+    """Half size by 2×2 box average: on even sizes exactly OpenCV's INTER_AREA, without
+    loading OpenCV into the decoder process for the probe that runs on most frames."""
+    h, w = image.shape[0] // 2, image.shape[1] // 2
+    if image.shape[0] % 2 or image.shape[1] % 2:
+        import cv2  # heavy: only an odd-sized frame needs it
+
+        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    blocks = image.reshape(h, 2, w, 2).astype(np.uint16).sum(axis=(1, 3), dtype=np.uint16)
+    half: np.ndarray = ((blocks + 2) >> 2).astype(np.uint8)
+    return half
 
 
 def _zxing_global(image: np.ndarray) -> list[Symbol]:
@@ -326,6 +347,8 @@ def _zxing_global(image: np.ndarray) -> list[Symbol]:
 
 
 def _blur_global(image: np.ndarray) -> list[Symbol]:
+    import cv2  # heavy: loaded in the decoder child only when a frame needs this step
+
     return _zxing(cv2.GaussianBlur(image, (0, 0), 1.0), binarizer=_global_histogram())[0]
 
 
@@ -347,6 +370,8 @@ def _crop_upscale(image: np.ndarray, polygon: Polygon) -> list[Symbol]:
     box = _around(image, polygon)
     if box is None:
         return []
+    import cv2  # heavy: loaded in the decoder child only when a frame needs this step
+
     x0, y0, x1, y1 = box
     crop = cv2.resize(image[y0:y1, x0:x1], None, fx=2.0, fy=2.0, interpolation=cv2.INTER_CUBIC)
     return [_moved(s, 0.5, x0, y0) for s in _zxing(crop)[0]]
@@ -396,25 +421,45 @@ def _centre(poly: Polygon) -> tuple[float, float]:
 
 
 def _inside(point: tuple[float, float], poly: Polygon) -> bool:
-    contour = np.asarray(poly, dtype=np.float32).reshape(-1, 1, 2)
-    return cv2.pointPolygonTest(contour, point, False) >= 0
+    """Inside or on the edge (what OpenCV's pointPolygonTest >= 0 says), in plain Python."""
+    px, py = point
+    inside = False
+    for (x0, y0), (x1, y1) in zip(poly, poly[1:] + poly[:1], strict=True):
+        cross = (x1 - x0) * (py - y0) - (y1 - y0) * (px - x0)
+        if cross == 0 and min(x0, x1) <= px <= max(x0, x1) and min(y0, y1) <= py <= max(y0, y1):
+            return True
+        if (y0 > py) != (y1 > py) and px < x0 + (py - y0) * (x1 - x0) / (y1 - y0):
+            inside = not inside
+    return inside
 
 
 def _area(poly: Polygon) -> float:
-    return abs(float(cv2.contourArea(np.asarray(poly, dtype=np.float32).reshape(-1, 1, 2))))
+    pairs = zip(poly, poly[1:] + poly[:1], strict=True)
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in pairs)) / 2.0
 
 
 # --------------------------------------------------------------------------- isolation
 
-_START_TIMEOUT_S = 30.0  # a cold Pi imports numpy, OpenCV and zxing-cpp in the child: seconds
+_START_TIMEOUT_S = 30.0  # a cold Pi imports numpy and zxing-cpp in the child: seconds
 _STOP_TIMEOUT_S = 2.0
+_MIN_FRAME_BYTES = 1280 * 720  # so that a typical size change does not mean a new buffer
+# The child's whole program: take the parent's import path (so an engine callable pickled by
+# a test, or a checkout not installed, resolves the same), then serve. argv: socket fd, memfd.
+_CHILD = (
+    "import sys\n"
+    "from multiprocessing.connection import Connection\n"
+    "conn = Connection(int(sys.argv[1]))\n"
+    "sys.path[:] = conn.recv()\n"
+    f"from {__name__} import _serve\n"  # this module, wherever the package puts it
+    "_serve(conn, int(sys.argv[2]))\n"
+)
 
 
 class _Worker:
     """A persistent decoder process fed through one shared-memory frame buffer.
 
-    The pipe carries only ``(seq, shape)`` one way and ``(seq, symbols, counters)`` back, so a
-    640×480 frame costs one memcpy into shared memory plus two small pickles.
+    The socket carries only ``(seq, shape)`` one way and ``(seq, symbols, counters)`` back, so
+    a 640×480 frame costs one memcpy into shared memory plus two small pickles.
     """
 
     def __init__(
@@ -427,20 +472,19 @@ class _Worker:
         _Chain(engines, rescue)  # validate here, where the caller can see the error
         self._args = (tuple(engines), rescue, engine)
         self._deadline_s = deadline_s
-        self._ctx = multiprocessing.get_context("forkserver")
-        self._shm: shared_memory.SharedMemory | None = None
-        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._buf: mmap.mmap | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._seq = 0
         self.restarts = 0
 
     def decode(self, image: np.ndarray) -> tuple[list[Symbol], dict[str, Any]]:
-        if self._proc is None or self._shm is None or self._shm.size < image.size:
+        if self._proc is None or self._buf is None or len(self._buf) < image.size:
             self._start(image.size)
-        assert self._shm is not None and self._conn is not None
-        view = np.ndarray(image.shape, np.uint8, buffer=self._shm.buf)
+        assert self._buf is not None and self._conn is not None and self._proc is not None
+        view = np.ndarray(image.shape, np.uint8, buffer=self._buf)
         view[...] = image  # also makes a strided picamera2 view contiguous
-        del view  # a live export would stop SharedMemory.close()
+        del view  # a live export would stop mmap.close()
         self._seq += 1
         try:
             self._conn.send((self._seq, image.shape))
@@ -450,7 +494,10 @@ class _Worker:
                 raise WorkerFailed(f"no result within {self._deadline_s:.2f} s: killed, will respawn")
             seq, symbols, counters = self._conn.recv()
         except (EOFError, OSError) as exc:
-            code = self._proc.exitcode if self._proc is not None else None
+            code = None
+            if self._proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    code = self._proc.wait(_STOP_TIMEOUT_S)
             self.restarts += 1
             self._kill()
             raise WorkerFailed(f"decoder process died (exit code {code}): {exc!r}") from exc
@@ -463,67 +510,76 @@ class _Worker:
         if self._proc is not None:
             self.restarts += 1
         self._kill()
-        # Room for 1280×720 at least, so a typical size change does not mean a new buffer.
-        self._shm = shared_memory.SharedMemory(create=True, size=max(size, 1280 * 720))
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(
-            target=_serve, args=(child, self._shm.name, *self._args), name="decoder", daemon=True
-        )
-        proc.start()
-        child.close()
-        self._proc, self._conn = proc, parent
-        if not parent.poll(_START_TIMEOUT_S):
-            self._kill()
-            raise WorkerFailed(f"decoder process not ready within {_START_TIMEOUT_S:.0f} s")
+        size = max(size, _MIN_FRAME_BYTES)
+        memfd = os.memfd_create("gate-scanner-frame", os.MFD_CLOEXEC)
+        parent, child = socket.socketpair()
         try:
-            parent.recv()
-        except EOFError as exc:
+            os.ftruncate(memfd, size)
+            self._buf = mmap.mmap(memfd, size)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", _CHILD, str(child.fileno()), str(memfd)],
+                pass_fds=(child.fileno(), memfd),
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            parent.close()
+            self._kill()
+            raise WorkerFailed(f"cannot start the decoder process: {exc}") from exc
+        finally:
+            child.close()
+            os.close(memfd)
+        self._conn = multiprocessing.connection.Connection(parent.detach())
+        try:
+            self._conn.send(list(sys.path))
+            self._conn.send(self._args)
+            ready = self._conn.poll(_START_TIMEOUT_S) and self._conn.recv() == "ready"
+        except (EOFError, OSError) as exc:
             self._kill()
             raise WorkerFailed("decoder process died while starting") from exc
+        if not ready:
+            self._kill()
+            raise WorkerFailed(f"decoder process not ready within {_START_TIMEOUT_S:.0f} s")
 
     def _kill(self) -> None:
         if self._proc is not None:
-            if self._proc.is_alive():
+            if self._proc.poll() is None:
                 self._proc.kill()
-            self._proc.join(_STOP_TIMEOUT_S)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(_STOP_TIMEOUT_S)
             self._proc = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        if self._shm is not None:
-            self._shm.close()
-            self._shm.unlink()
-            self._shm = None
+        if self._buf is not None:
+            self._buf.close()
+            self._buf = None
 
     def close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(OSError):  # a dead worker cannot hear the polite stop
                 self._conn.send(None)
             if self._proc is not None:
-                self._proc.join(_STOP_TIMEOUT_S)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(_STOP_TIMEOUT_S)
         self._kill()
 
 
-def _serve(
-    conn: multiprocessing.connection.Connection,
-    shm_name: str,
-    engines: tuple[str, ...],
-    rescue: tuple[str, ...],
-    engine: Callable[[], Engine] | None,
-) -> None:
-    """The decoder process: one frame at a time until the pipe closes or says stop."""
-    shm = shared_memory.SharedMemory(name=shm_name)
+def _serve(conn: multiprocessing.connection.Connection, memfd: int) -> None:
+    """The decoder process: one frame at a time until the socket closes or says stop."""
+    engines, rescue, engine = conn.recv()
+    buf = mmap.mmap(memfd, 0)
+    os.close(memfd)
     chain = _Chain(engines, rescue)
     decode = engine() if engine is not None else chain.decode
     conn.send("ready")
     try:
         while True:
-            # The parent owns every deadline; a parent that vanished closes the pipe (EOF).
+            # The parent owns every deadline; a parent that vanished closes the socket (EOF).
             message = conn.recv()
             if message is None:
                 return
             seq, shape = message
-            image = np.ndarray(shape, np.uint8, buffer=shm.buf)
+            image = np.ndarray(shape, np.uint8, buffer=buf)
             before = chain.counters()
             symbols = decode(image)
             del image
@@ -537,7 +593,7 @@ def _serve(
     except (EOFError, KeyboardInterrupt):
         return
     finally:
-        shm.close()
+        buf.close()
 
 
 # --------------------------------------------------------------------------- the decode command
@@ -545,6 +601,8 @@ def _serve(
 
 def describe_image(path: Path, decoder: Decoder) -> dict[str, Any]:
     """One image as the ``decode`` command's JSON record; ``ms`` is the decode time alone."""
+    import cv2  # heavy: the decoder child imports this module and never reads image files
+
     path = Path(path)
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None or image.size == 0:
