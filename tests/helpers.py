@@ -266,16 +266,13 @@ def signed_dcc(workdir: Path, now: datetime | None = None) -> SignedDcc:
     return SignedDcc(payload, trust_file, personal)
 
 
-def spellings(text: str) -> set[str]:
-    """``text`` as it could show up in a log line: as is, and as Python prints str and bytes."""
-    raw = text.encode("utf-8")
-    return {
-        text,
-        repr(text)[1:-1],
-        repr(raw)[2:-1],
-        text.encode("unicode_escape").decode("ascii"),
-        raw.hex(),
-    }
+def spellings(secret: str | bytes) -> set[str]:
+    """``secret`` as it could show up in a log line: as is, and as Python prints str and bytes."""
+    raw = secret if isinstance(secret, bytes) else secret.encode("utf-8")
+    forms = {repr(raw)[2:-1], raw.hex()}
+    if isinstance(secret, str):
+        forms |= {secret, repr(secret)[1:-1], secret.encode("unicode_escape").decode("ascii")}
+    return forms
 
 
 # --- operator commands -----------------------------------------------------------------------

@@ -55,6 +55,21 @@ def test_pending_remove_and_oldest(tmp_path: Path) -> None:
         assert ob.oldest_created() == "2026-01-01T00:00:03.000Z"
 
 
+def test_every_commit_is_synced_before_append_returns(tmp_path: Path) -> None:
+    # The promise behind "committed before the relay moves": a returned append survives a
+    # power cut. In WAL mode that takes synchronous=FULL (the WAL is fsynced at every commit);
+    # NORMAL syncs only at checkpoints and loses the last commits on power loss, OFF never syncs.
+    db = tmp_path / "outbox.db"
+    for _ in range(2):  # a new file and an existing one alike
+        with Outbox(db, max_events=10) as ob:
+            ob.append(payload)
+            conn = ob._conn
+            assert conn is not None
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+            assert not conn.in_transaction  # append returned after COMMIT, not inside it
+
+
 def test_build_failure_stores_nothing_and_keeps_seq(tmp_path: Path) -> None:
     def broken(seq: int, created: str) -> bytes:
         raise RuntimeError("encoder bug")
