@@ -40,6 +40,7 @@ from tests.helpers import (
     HeldSource,
     OrderCheckingSignals,
     deny_config,
+    energised_relay,
     gate_config,
     make_gate,
     running,
@@ -493,6 +494,7 @@ def test_signed_open_records_one_event_pulses_once_and_replies_with_the_correlat
 ):
     cfg = gate_config(broker, tmp_path)
     factory = MockFactory()
+    history = energised_relay(factory, cfg.gpio)
     # A sender may name a response topic, but the gate only ever replies on its own reply
     # topic: otherwise a command could make it publish onto its checkin or status topics.
     response_topic = f"operators/{uuid.uuid4().hex}/replies"
@@ -510,12 +512,10 @@ def test_signed_open_records_one_event_pulses_once_and_replies_with_the_correlat
             (event,) = [json.loads(p) for p in sub.payloads(cfg.topic("checkin"))]
             jsonschema.validate(event, CHECKIN_SCHEMA)
             assert event["credential"]["type"] == "operator"
-            assert wait_until(
-                lambda: relay_history(factory, cfg)[-1] is False and True in relay_history(factory, cfg), 5
-            )
+            assert wait_until(lambda: history() == [True, False, True, False], 5), history()
             assert app.gate is not None and app.gate.reasons == {Reason.OK: 1}
-        history = relay_history(factory, cfg)
-        assert history[0] is False and history[-1] is False and history.count(True) == 1
+        # Left energised, driven off at start, one pulse for the one open, off at the end.
+        assert history() == [True, False, True, False]
     finally:
         factory.close()
 
