@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
@@ -118,6 +119,152 @@ def test_every_refusal_has_its_reason(tmp_path, make, name, reason):
     with pytest.raises(Refused) as refusal:
         v.verify(inbound(make(), name), NOW)
     assert refusal.value.reason == reason
+
+
+def resigned(env: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """``env`` with ``changes`` (None removes a field), signed again by the operator key."""
+    body = {k: v for k, v in {**env, **changes}.items() if v is not None and k != "sig"}
+    return {**body, "sig": base64.b64encode(OPERATOR.sign(commands.canonical(body))).decode()}
+
+
+GOOD = signed("open", "gate-u", now=NOW, nonce="ab" * 16)
+OK_KID = OPERATOR_KID.hex()
+
+
+@pytest.mark.parametrize(
+    ("payload", "name", "reason", "detail"),
+    [
+        (b"[1]", "open", "malformed", "expected a JSON object"),
+        (b"\xff", "open", "malformed", "not UTF-8 JSON: "),
+        (
+            b" " * (commands.MAX_PAYLOAD + 1),
+            "open",
+            "malformed",
+            f"payload over {commands.MAX_PAYLOAD} bytes",
+        ),
+        (b"", "reload", "unsigned", "reload must be signed by an operator key"),
+        (
+            {k: v for k, v in GOOD.items() if k != "sig"},
+            "open",
+            "unsigned",
+            "open must be signed by an operator key",
+        ),
+        (resigned(GOOD, extra=1), "open", "malformed", "unknown fields ['extra']"),
+        (
+            resigned(GOOD, schema="gate-scanner/cmd/2"),
+            "open",
+            "malformed",
+            "schema must be 'gate-scanner/cmd/1'",
+        ),
+        (resigned(GOOD, schema=None), "open", "malformed", "schema must be 'gate-scanner/cmd/1'"),
+        (GOOD, "reload", "malformed", "name 'open' is not the topic's 'reload'"),
+        (resigned(GOOD, device=7), "open", "malformed", "device must be a string"),
+        (resigned(GOOD, nonce="AB" * 16), "open", "malformed", "nonce must be 16-64 lowercase hex digits"),
+        (resigned(GOOD, nonce="a" * 15), "open", "malformed", "nonce must be 16-64 lowercase hex digits"),
+        (resigned(GOOD, nonce="a" * 65), "open", "malformed", "nonce must be 16-64 lowercase hex digits"),
+        (resigned(GOOD, nonce=None), "open", "malformed", "nonce must be 16-64 lowercase hex digits"),
+        (resigned(GOOD, args=[]), "open", "malformed", "args must be an object"),
+        (resigned(GOOD, kid=12), "open", "malformed", "kid must be a hex string"),
+        (resigned(GOOD, ts=1764403200), "open", "malformed", "ts must be an RFC 3339 string"),
+        (
+            resigned(GOOD, ts="2026-11-29T08:00:00"),
+            "open",
+            "malformed",
+            "ts is not an RFC 3339 time with an offset: ",
+        ),
+        (resigned(GOOD, ts="yesterday"), "open", "malformed", "ts is not an RFC 3339 time with an offset: "),
+        ({**GOOD, "kid": "zz"}, "open", "malformed", "kid must be hex and sig base64"),
+        ({**GOOD, "sig": "not base64!"}, "open", "malformed", "kid must be hex and sig base64"),
+        ({**GOOD, "sig": 5}, "open", "malformed", "kid must be hex and sig base64"),
+        ({**GOOD, "kid": "abcdef"}, "open", "malformed", "kid must be 4 bytes"),
+        (
+            {**GOOD, "kid": "00112233"},
+            "open",
+            "unknown_key",
+            "kid 00112233 is not an operator key of this gate",
+        ),
+        (
+            {**GOOD, "nonce": "cd" * 16},
+            "open",
+            "bad_signature",
+            f"signature does not verify under kid {OK_KID}",
+        ),
+        (
+            signed("open", "gate-x", now=NOW),
+            "open",
+            "wrong_device",
+            "command is for 'gate-x', this is 'gate-u'",
+        ),
+        (
+            signed("open", "gate-u", now=NOW - timedelta(seconds=60, milliseconds=1)),
+            "open",
+            "stale",
+            "ts is +60 s from the gate's clock (limit 60 s)",
+        ),
+        (
+            signed("open", "gate-u", now=NOW + timedelta(seconds=75)),
+            "open",
+            "stale",
+            "ts is -75 s from the gate's clock (limit 60 s)",
+        ),
+        (GOOD, "explode", "unknown_command", "no command 'explode'; known: lists, open, reload, selftest"),
+        (b"{not json", "selftest", "malformed", "not UTF-8 JSON: "),
+    ],
+    ids=lambda value: None if isinstance(value, (dict, bytes)) else str(value)[:40],
+)
+def test_every_refusal_says_why(tmp_path, payload, name, reason, detail):
+    # The reply's reason is for programs, its detail for the operator reading it: both exact.
+    v = verifier(unit_config(tmp_path))
+    with pytest.raises(Refused) as refusal:
+        v.verify(inbound(payload, name), NOW)
+    assert refusal.value.reason == reason
+    if detail.endswith(": "):  # the rest is the parser's own words
+        assert refusal.value.detail.startswith(detail), refusal.value.detail
+    else:
+        assert refusal.value.detail == detail
+    assert str(refusal.value) == f"{reason}: {refusal.value.detail}"
+
+
+def test_the_age_limits_are_inclusive(tmp_path):
+    # Exactly max_age_s old (or ahead), or exactly the start grace before the start: accepted.
+    v = verifier(unit_config(tmp_path))
+    assert v.verify(inbound(signed("open", "gate-u", now=NOW - timedelta(seconds=2))), NOW).name == "open"
+    (tmp_path / "b").mkdir()
+    v = verifier(unit_config(tmp_path / "b"))
+    late = NOW + timedelta(seconds=60)
+    assert v.verify(inbound(signed("open", "gate-u", now=NOW)), late).name == "open"
+    (tmp_path / "c").mkdir()
+    v = verifier(unit_config(tmp_path / "c"))
+    with pytest.raises(Refused) as refusal:
+        v.verify(inbound(signed("open", "gate-u", now=NOW - timedelta(seconds=2, milliseconds=1))), NOW)
+    assert (refusal.value.reason, refusal.value.detail) == ("stale", "signed before this gate started")
+
+
+def test_read_only_selftest_needs_no_signature_but_a_full_envelope_is_still_checked(tmp_path):
+    v = verifier(unit_config(tmp_path))
+    bare = v.verify(inbound(b"", "selftest"), NOW)
+    assert (bare.name, bare.device, bare.ts, bare.nonce, bare.args, bare.kid) == (
+        "selftest",
+        "",
+        NOW,
+        "",
+        {},
+        None,
+    )
+    envelope = {k: v for k, v in signed("selftest", "gate-u", now=NOW).items() if k not in ("sig", "kid")}
+    checked = v.verify(inbound(envelope), NOW + timedelta(seconds=1))
+    assert (checked.name, checked.device, checked.ts) == ("selftest", "gate-u", NOW)
+
+
+def test_the_signed_bytes_are_the_documented_ones():
+    # README (MQTT, Commands): the context, then the envelope without sig as UTF-8 JSON with
+    # sorted keys and no spaces. Another implementation signs exactly these bytes.
+    envelope = {"sig": "x", "ts": "T", "args": {"denylist": "Nguyễn\n", "b": [1, 2]}, "name": "lists"}
+    assert commands.canonical(envelope) == (
+        b'gate-scanner/cmd/1\x00{"args":{"b":[1,2],"denylist":"Nguy\xe1\xbb\x85n\\n"},"name":"lists","ts":"T"}'
+    )
+    with pytest.raises(ValueError):
+        commands.canonical({"args": {"x": float("nan")}})  # no JSON has it: never signed
 
 
 def test_signed_commands_are_refused_when_no_operator_keys_are_configured(tmp_path):

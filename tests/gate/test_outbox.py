@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -101,8 +102,10 @@ def test_full_raises_and_recovers(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.db", max_events=3) as ob:
         for _ in range(3):
             ob.append(payload)
-        with pytest.raises(OutboxError, match="full"):
+        with pytest.raises(OutboxError) as info:
             ob.append(payload)
+        # The reason goes into the ``outbox`` alarm an operator reads.
+        assert info.value.reason == str(info.value) == "full: 3 events (max 3)"
         ob.remove([1])
         assert ob.append(payload) == 4
 
@@ -146,6 +149,56 @@ def test_junk_file_is_quarantined_and_seqs_continue_above_the_mark(tmp_path: Pat
         assert ob.quarantined is None
         assert ob.append(payload) == seq + 1
     assert len(_quarantined_files(tmp_path)) >= 1
+
+
+def test_a_quarantined_outbox_is_named_by_the_utc_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # README: outbox.db.corrupt-<UTC time>, whatever the gate's local zone.
+    monkeypatch.setenv("TZ", "Asia/Ho_Chi_Minh")
+    time.tzset()
+    try:
+        db = tmp_path / "outbox.db"
+        db.write_bytes(b"not a database" * 300)
+        before = datetime.now(UTC)
+        with Outbox(db, max_events=10) as ob:
+            moved = ob.quarantined
+            assert moved is not None
+            stamp = datetime.strptime(moved.name.removeprefix("outbox.db.corrupt-"), "%Y%m%dT%H%M%S.%fZ")
+            assert before - timedelta(seconds=1) <= stamp.replace(tzinfo=UTC) <= datetime.now(UTC)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_a_corrupt_outbox_that_cannot_be_moved_aside_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "outbox.db"
+    db.write_bytes(b"not a database" * 300)
+
+    def no_rename(src: object, dst: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", no_rename)
+    with pytest.raises(OutboxError) as info:
+        Outbox(db, max_events=10)
+    assert str(info.value).startswith(f"{db} is corrupt (")
+    assert str(info.value).endswith("and cannot be moved aside: [Errno 13] Permission denied")
+
+
+def test_a_failed_read_is_an_outbox_error_that_says_why(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_events=10) as ob:
+        ob.append(payload)
+        assert ob._conn is not None
+        ob._conn.execute("DROP TABLE outbox")  # what a damaged page does to a query
+        for read in (ob.oldest_created, ob.pending):
+            with pytest.raises(OutboxError) as info:
+                read()
+            assert str(info.value).startswith("cannot read: "), info.value
+        with pytest.raises(OutboxError) as info:
+            ob.oldest_created()
+        assert str(info.value) == "cannot read: no such table: outbox"
 
 
 def test_malformed_pages_are_quarantined(tmp_path: Path) -> None:

@@ -707,3 +707,124 @@ def test_collector_mode_resends_soon_what_the_broker_delivered_to_nobody(
     ), seqs(collector, topic)
     assert time.monotonic() - started < 10  # well before the ack timeout
     assert outbox.depth() == 3  # still waiting for the collector's ack
+
+
+# --- the collector's ack and the resend clock, white-box (the publisher is not started) ---------
+
+
+@pytest.fixture
+def idle(tmp_path: Path) -> Iterator[tuple[Publisher, Outbox, Alarms]]:
+    """A collector-mode publisher that is never started, over an outbox holding seqs 1..5 of
+    which 1..5 count as sent: acks and resend decisions are fed to it directly."""
+    outbox = Outbox(tmp_path / "o.db", max_events=100)
+    for _ in range(5):
+        outbox.append(event)
+    alarms = Alarms()
+    config = publisher_config(LocalBroker(tmp_path / "never-started"), tmp_path, delivery="collector")
+    pub = Publisher(config, outbox, status=lambda: {}, on_alarm=alarms, ack_timeout_s=30.0)
+    pub._highest_sent = 5
+    pub._cursor = 5
+    try:
+        yield pub, outbox, alarms
+    finally:
+        outbox.close()
+
+
+def left(outbox: Outbox) -> list[int]:
+    return [seq for seq, _ in outbox.pending()]
+
+
+def stalled(pub: Publisher, seconds: float) -> None:
+    """As if the last ack (or resend) was ``seconds`` ago."""
+    pub._last_ack_progress = time.monotonic() - seconds
+
+
+def test_an_ack_removes_exactly_what_it_names(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    pub, outbox, _ = idle
+    pub._on_ack(ack(0, [[0, 1]]).encode())  # a range from 0: seqs start at 1
+    assert left(outbox) == [2, 3, 4, 5]
+    pub._on_ack(ack(2).encode())
+    assert left(outbox) == [3, 4, 5]
+    pub._on_ack(ack(0, [[3, 3], [5, 5]]).encode())
+    assert left(outbox) == [4]
+
+
+def test_only_an_ack_that_removed_rows_counts_as_progress(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    # Acks that name nothing new (a repeat, upto 0) must not hold back the resend of rows the
+    # collector still lacks; one that removed rows restarts both resend clocks.
+    pub, outbox, _ = idle
+    pub._resend_after_s, pub._unheard_resend_s = 240.0, 16.0
+    stalled(pub, 100)
+    pub._on_ack(ack(0).encode())
+    pub._on_ack(ack(0, [[9, 9]]).encode())  # beyond what was sent: nothing to remove
+    assert time.monotonic() - pub._last_ack_progress >= 100
+    assert (pub._resend_after_s, pub._unheard_resend_s) == (240.0, 16.0)
+    pub._on_ack(ack(1, [[3, 3]]).encode())  # two rows: 1 by upto, 3 by its range
+    assert time.monotonic() - pub._last_ack_progress < 10
+    assert (pub._resend_after_s, pub._unheard_resend_s) == (30.0, 2.0)
+    assert left(outbox) == [2, 4, 5]
+
+
+@pytest.mark.parametrize(
+    ("upto", "ranges", "warned"),
+    [(5, [], False), (0, [[4, 5]], False), (6, [], True), (2, [[4, 6]], True), (9, [[1, 2]], True)],
+)
+def test_an_ack_beyond_what_was_sent_is_logged(
+    idle: tuple[Publisher, Outbox, Alarms], caplog: pytest.LogCaptureFixture, upto, ranges, warned
+) -> None:
+    pub, _, _ = idle
+    with caplog.at_level("WARNING", logger="scanner.gate.publisher"):
+        pub._on_ack(ack(upto, ranges).encode())
+    assert ("this gate has sent only up to 5" in caplog.text) is warned, caplog.text
+
+
+def test_an_ack_the_outbox_cannot_act_on_raises_the_outbox_alarm(
+    idle: tuple[Publisher, Outbox, Alarms],
+) -> None:
+    pub, outbox, alarms = idle
+    outbox.close()
+    pub._on_ack(ack(2).encode())
+    assert alarms.raised == [("outbox_error", "closed")]
+
+
+def test_one_unacked_row_is_sent_again_when_acks_stall(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    pub, outbox, _ = idle
+    outbox.remove_upto(4)  # the collector has 1..4; 5 was sent last and is the only one waiting
+    stalled(pub, 29)
+    assert pub._collector_may_send() and pub._cursor == 5  # not yet
+    stalled(pub, 31)
+    assert pub._collector_may_send() and pub._cursor == 4  # from seq 5 again
+    assert pub._resend_after_s == 60.0  # the collector stays silent: the next wait doubles
+
+
+def test_a_resend_for_check_ins_nobody_heard_comes_soon_and_once(
+    idle: tuple[Publisher, Outbox, Alarms],
+) -> None:
+    # The broker said "no subscriber" for some: resend after 2 s, not 30; then that shortcut is
+    # spent, and its own wait doubles for the next time it is needed.
+    pub, _, _ = idle
+    pub._dropped_unheard = True
+    stalled(pub, 2.5)
+    assert pub._collector_may_send() and pub._cursor == 0
+    assert pub._unheard_resend_s == 4.0 and pub._resend_after_s == 30.0
+    pub._cursor = 5
+    stalled(pub, 5)  # past 4 s, short of 30 s: only another "no subscriber" would resend now
+    assert pub._collector_may_send() and pub._cursor == 5
+    pub._dropped_unheard = True
+    assert pub._collector_may_send() and pub._cursor == 0
+    assert pub._unheard_resend_s == 8.0
+
+
+def test_rows_the_outbox_cannot_remove_raise_the_outbox_alarm(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    pub, outbox, alarms = idle
+    outbox.close()
+    pub._remove([1, 2])  # PUBACKed in broker mode: the rows stay (a duplicate later, not a loss)
+    assert alarms.raised == [("outbox_error", "closed")]
+
+
+def test_a_check_in_that_can_never_be_published_is_an_alarm(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    # Over MQTT's 256 MiB limit: paho refuses it outright. Operators must hear of it.
+    pub, _, alarms = idle
+    pub._publish_row(7, bytes(268_435_456))
+    assert alarms.raised == [("publish_failed", "seq 7 cannot be published: Payload too large.")]
+    assert pub._inflight == {}
