@@ -177,6 +177,15 @@ OK_KID = OPERATOR_KID.hex()
         ({**GOOD, "sig": "not base64!"}, "open", "malformed", "kid must be hex and sig base64"),
         ({**GOOD, "sig": 5}, "open", "malformed", "kid must be hex and sig base64"),
         ({**GOOD, "kid": "abcdef"}, "open", "malformed", "kid must be 4 bytes"),
+        ({**GOOD, "kid": ""}, "open", "malformed", "kid must be 4 bytes"),
+        # A valid signature with a stray character: no decoder may skip it into a valid one.
+        (
+            {**GOOD, "sig": GOOD["sig"][:10] + "*" + GOOD["sig"][10:]},
+            "open",
+            "malformed",
+            "kid must be hex and sig base64",
+        ),
+        (b" " * commands.MAX_PAYLOAD, "open", "unsigned", "open must be signed by an operator key"),
         (
             {**GOOD, "kid": "00112233"},
             "open",
@@ -241,6 +250,24 @@ def test_the_age_limits_are_inclusive(tmp_path):
     assert (refusal.value.reason, refusal.value.detail) == ("stale", "signed before this gate started")
 
 
+def test_args_may_be_left_out_of_a_command_that_takes_none(tmp_path):
+    v = verifier(unit_config(tmp_path))
+    envelope = resigned(GOOD, args=None)
+    assert "args" not in envelope
+    assert v.verify(inbound(envelope), NOW).args == {}
+
+
+def test_a_replay_file_that_cannot_even_be_looked_at_still_refuses_what_came_before_the_start(tmp_path):
+    # Unreadable, and no modification time to go by either: the guard falls back to the start
+    # time, never to no floor at all.
+    path = tmp_path / ("r" * 300)  # a name the filesystem refuses: read and stat both fail
+    guard = commands.ReplayGuard(path, 60.0, now=NOW)
+    assert guard.floor == NOW
+    with pytest.raises(Refused) as refusal:
+        guard.admit("e" * 16, NOW - timedelta(seconds=1))
+    assert refusal.value.reason == "replayed"
+
+
 def test_read_only_selftest_needs_no_signature_but_a_full_envelope_is_still_checked(tmp_path):
     v = verifier(unit_config(tmp_path))
     bare = v.verify(inbound(b"", "selftest"), NOW)
@@ -272,7 +299,10 @@ def test_signed_commands_are_refused_when_no_operator_keys_are_configured(tmp_pa
     v = verifier(unit_config(tmp_path, keys=False))
     with pytest.raises(Refused) as refusal:
         v.verify(inbound(signed("open", "gate-u", now=NOW)), NOW)
-    assert refusal.value.reason == "not_configured"
+    assert (refusal.value.reason, refusal.value.detail) == (
+        "not_configured",
+        "commands.operator_keys_file is not set: signed commands are off",
+    )
     # selftest is read-only: no signature, no keys needed.
     assert v.verify(Inbound("selftest", b""), NOW).name == "selftest"
 
@@ -288,7 +318,10 @@ def test_signed_commands_need_mqtt_v5_where_a_retained_command_is_visible(tmp_pa
     )
     with pytest.raises(Refused) as refusal:
         verifier(cfg).verify(inbound(signed("open", "gate-u", now=NOW)), NOW)
-    assert refusal.value.reason == "not_configured"
+    assert (refusal.value.reason, refusal.value.detail) == (
+        "not_configured",
+        'signed commands need mqtt.protocol = "5" (3.1.1 hides retain)',
+    )
 
 
 def test_a_command_signed_before_the_gate_started_is_stale(tmp_path):
@@ -304,7 +337,10 @@ def test_the_replay_guard_is_bounded_and_forgets_only_what_its_floor_refuses(tmp
     guard.admit("b" * 16, NOW)
     with pytest.raises(Refused) as refusal:
         guard.admit("c" * 16, NOW)  # never forgets a live nonce
-    assert refusal.value.reason == "busy"
+    assert (refusal.value.reason, refusal.value.detail) == (
+        "busy",
+        "too many recent commands; try again later",
+    )
     with pytest.raises(Refused) as refusal:
         guard.admit("a" * 16, NOW + timedelta(seconds=30))
     assert refusal.value.reason == "replayed"
@@ -313,6 +349,28 @@ def test_the_replay_guard_is_bounded_and_forgets_only_what_its_floor_refuses(tmp
     with pytest.raises(Refused) as refusal:
         guard.admit("d" * 16, NOW)
     assert refusal.value.reason == "replayed"
+
+
+def test_the_replay_floor_is_inclusive_and_a_nonce_at_it_is_kept(tmp_path):
+    # The floor trails the newest executed ts by max_age_s: a command exactly that old may still
+    # run (the operator who sent it saw it within max_age_s), and once it has, its nonce stays
+    # for as long as its ts is not below the floor, so it cannot run twice.
+    guard = commands.ReplayGuard(tmp_path / commands.REPLAY_FILE, 60.0, now=NOW)
+    top = NOW + timedelta(seconds=100)
+    guard.admit("a" * 16, top)
+    assert guard.floor == top - timedelta(seconds=60)
+    guard.admit("b" * 16, guard.floor)  # exactly at the floor
+    guard.admit("c" * 16, top)  # another at the top: the floor stays, and so does b
+    assert set(guard.nonces) == {"a" * 16, "b" * 16, "c" * 16}
+    with pytest.raises(Refused) as refusal:
+        guard.admit("b" * 16, guard.floor)
+    assert (refusal.value.reason, refusal.value.detail) == ("replayed", "nonce already used")
+    with pytest.raises(Refused) as refusal:
+        guard.admit("d" * 16, guard.floor - timedelta(milliseconds=1))
+    assert refusal.value.reason == "replayed"
+    assert refusal.value.detail == f"ts is older than an executed command allows ({guard.floor.isoformat()})"
+    reread = commands.ReplayGuard(tmp_path / commands.REPLAY_FILE, 60.0, now=NOW)
+    assert (reread.floor, reread.highest, reread.nonces) == (guard.floor, guard.highest, guard.nonces)
 
 
 def _replay_state(tmp_path: Path) -> dict[str, Any]:

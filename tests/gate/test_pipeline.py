@@ -79,9 +79,9 @@ def test_every_event_id_carries_the_time_of_its_event(gate: tuple[Gate, Outbox, 
     # UUIDv7 ids sort by time: the time in the id is the scan's (or the open's), as in ``ts``,
     # not the moment the id was made, so ids and times agree whatever the clock did meanwhile.
     g, outbox, _clock = gate
-    g._scan(b"EMP-0001")
     assert g.remote_open("1a2b3c4d")[0]
-    scan, opened = committed(outbox)
+    g._scan(b"EMP-0001")
+    opened, scan = committed(outbox)
     expected = int(SCANNED.timestamp() * 1000)
     assert scan["ts"] == opened["ts"] == "2031-05-06T07:08:09.345Z"
     assert uuid7_ms(str(scan["event_id"])) == uuid7_ms(str(opened["event_id"])) == expected

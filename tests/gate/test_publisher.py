@@ -759,10 +759,11 @@ def test_only_an_ack_that_removed_rows_counts_as_progress(idle: tuple[Publisher,
     pub._on_ack(ack(0, [[9, 9]]).encode())  # beyond what was sent: nothing to remove
     assert time.monotonic() - pub._last_ack_progress >= 100
     assert (pub._resend_after_s, pub._unheard_resend_s) == (240.0, 16.0)
-    pub._on_ack(ack(1, [[3, 3]]).encode())  # two rows: 1 by upto, 3 by its range
+    # Rows 1 and 2 by upto, 3 by a range, and a last range naming what is already gone.
+    pub._on_ack(ack(2, [[3, 3], [1, 1]]).encode())
     assert time.monotonic() - pub._last_ack_progress < 10
     assert (pub._resend_after_s, pub._unheard_resend_s) == (30.0, 2.0)
-    assert left(outbox) == [2, 4, 5]
+    assert left(outbox) == [4, 5]
 
 
 @pytest.mark.parametrize(
@@ -828,3 +829,18 @@ def test_a_check_in_that_can_never_be_published_is_an_alarm(idle: tuple[Publishe
     pub._publish_row(7, bytes(268_435_456))
     assert alarms.raised == [("publish_failed", "seq 7 cannot be published: Payload too large.")]
     assert pub._inflight == {}
+
+
+def test_a_gate_runs_at_most_unacked_max_events_ahead_of_the_collector(
+    idle: tuple[Publisher, Outbox, Alarms], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scanner.gate import publisher
+
+    pub, _, _ = idle
+    monkeypatch.setattr(publisher, "UNACKED_MAX", 5)  # five rows (1..5) stand for 5000
+    stalled(pub, 0)
+    pub._cursor = 4  # 1..4 sent, none acked: one more may go
+    assert pub._collector_may_send()
+    pub._cursor = 5  # 1..5 sent: the window is full until the collector acks
+    stalled(pub, 0)
+    assert not pub._collector_may_send()
