@@ -418,3 +418,24 @@ def test_sigkill_between_reservations_then_corruption_never_reuses(tmp_path: Pat
     with Outbox(db, max_events=100, seq_block=3) as ob:
         assert ob.quarantined is not None
         assert ob.append(payload) > max(stored)
+
+
+def test_a_failed_removal_leaves_no_transaction_open(tmp_path: Path) -> None:
+    # The publisher removes, the pipeline appends, on one connection: a removal that fails in
+    # any way must roll back, or every later append (every scan) fails too.
+    with Outbox(tmp_path / "o.db", max_events=10) as ob:
+        for _ in range(3):
+            ob.append(payload)
+        assert ob._conn is not None
+        ob._conn.execute(
+            "CREATE TRIGGER no_delete BEFORE DELETE ON outbox BEGIN SELECT RAISE(ABORT, 'no'); END"
+        )
+        with pytest.raises(OutboxError) as info:
+            ob.remove([1])
+        assert str(info.value) == "cannot remove: no"
+        assert ob.append(payload) == 4
+        with pytest.raises(OverflowError):  # too large to bind: not even an SQLite error
+            ob.remove_range(2**70, 2**71)
+        assert ob.append(payload) == 5
+        ob._conn.execute("DROP TRIGGER no_delete")
+        assert ob.remove_upto(5) == 5 and ob.depth() == 0

@@ -844,3 +844,69 @@ def test_a_gate_runs_at_most_unacked_max_events_ahead_of_the_collector(
     pub._cursor = 5  # 1..5 sent: the window is full until the collector acks
     stalled(pub, 0)
     assert not pub._collector_may_send()
+
+
+def test_check_ins_are_never_retained(broker: LocalBroker, gate: Any, subscribe: Any) -> None:
+    # A retained check-in would be handed to every later subscriber as if it had just happened.
+    pub, outbox, config = gate(broker)
+    live = subscribe(config.topic("checkin"))
+    assert pub.wait_connected(5)
+    outbox.append(event)
+    pub.wake()
+    assert live.wait_for(lambda msgs: len(msgs) == 1)
+    assert pub.wait_drained(5)
+    # One SUBSCRIBE for both: the broker hands over retained messages filter by filter, so once
+    # the (retained) status is here, a retained check-in would have come before it.
+    late = subscribe(config.topic("checkin"), config.topic("status"))
+    assert late.wait_for(lambda msgs: any(m.topic == config.topic("status") for m in msgs))
+    assert late.payloads(config.topic("checkin")) == []
+
+
+def test_refused_check_ins_back_off_doubling_to_a_minute_and_start_over_after_a_success(
+    idle: tuple[Publisher, Outbox, Alarms],
+) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    pub, _, alarms = idle
+    refused = ReasonCode(PacketTypes.PUBACK, "Not authorized")
+    holds = []
+    for mid in range(1, 9):
+        pub._inflight[mid] = mid
+        pub._hold_until = 0.0  # the previous hold is over: this refusal starts the next one
+        pub._on_puback(mid, refused, [])
+        holds.append(round(pub._hold_until - time.monotonic()))
+    assert holds == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert pub._refused == set(range(1, 9))  # kept for a retry, never removed
+    assert {kind for kind, _ in alarms.raised} == {"publish_refused"}
+    pub._inflight[9] = 9
+    pub._on_puback(9, ReasonCode(PacketTypes.PUBACK, "Success"), [])
+    assert pub._backoff == 1.0
+
+
+def test_an_unheard_check_in_raises_no_subscribers_once(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    pub, _, alarms = idle
+    unheard = ReasonCode(PacketTypes.PUBACK, "No matching subscribers")
+    for mid in (1, 2, 3):
+        pub._inflight[mid] = mid
+        pub._on_puback(mid, unheard, [])
+    where, topic = pub._where, pub._t_checkin
+    assert alarms.raised == [
+        ("no_subscribers", f"broker {where}: no subscriber for {topic}, check-ins dropped there")
+    ]
+
+
+def test_pubacks_for_what_is_not_a_check_in_are_ignored(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    pub, _, alarms = idle
+    ok = ReasonCode(PacketTypes.PUBACK, "Success")
+    removable: list[int] = []
+    pub._on_puback(42, ok, removable)  # status, availability, a reply: no row behind it
+    pub._offline_mid = 7
+    pub._on_puback(7, ok, removable)  # the stop's "offline": the stop waits for exactly this
+    assert pub._offline_mid is None and removable == [] and alarms.raised == []
