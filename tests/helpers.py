@@ -6,6 +6,7 @@ another test file.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import itertools
@@ -17,16 +18,20 @@ import threading
 import time
 import tomllib
 import uuid
-from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 from gpiozero.pins.mock import MockFactory, MockPin
 
@@ -34,6 +39,7 @@ from scanner import config as config_mod
 from scanner import events
 from scanner.central.collector import parse_event
 from scanner.central.store import Store, StoredEvent
+from scanner.credentials import base45, dcc
 from scanner.credentials.signed import TrustedKey, TrustStore
 from scanner.fleet.passes import default_kid
 from scanner.gate.app import App
@@ -108,6 +114,20 @@ BLANK = np.full(CODE_FRAME.shape, 128, dtype=np.uint8)
 
 def rising_edges(states: list[bool]) -> int:
     return sum(1 for before, after in itertools.pairwise(states) if after and not before)
+
+
+def energised_relay(factory: MockFactory, gpio: config_mod.GpioConfig) -> Callable[[], list[bool]]:
+    """Leave the relay pin at its energised level, as a daemon killed mid-pulse can leave it.
+
+    A fresh mock pin reads low, which is "off" for an active-high relay: without this, a history
+    that starts off proves nothing about the daemon driving it off. Returns a reader of the
+    pin's levels from that energised one on, so the daemon's first write is element 1.
+    """
+    pin = factory.pin(gpio.relay_pin)
+    pin.function = "output"
+    pin.state = gpio.relay_active_high
+    start = len(pin.states) - 1
+    return lambda: [s.state for s in pin.states[start:]]
 
 
 class OrderCheckingSignals(Signals):
@@ -206,6 +226,107 @@ class ContactFactory(MockFactory):
     def contact(self, number: int) -> ContactPin:
         pin: ContactPin = self.pin(number)
         return pin
+
+
+# --- personal data on a card and in a health certificate ------------------------------------
+
+# An invented CCCD card (the number follows the card rules but belongs to nobody).
+CCCD_NUMBER = "079187004321"
+CCCD_NAME = "Đoàn Thị Xuân Quỳnh"
+CCCD_BORN = "05061987"
+CCCD_ADDRESS = "Tổ 9, Khu phố Bình Đức, Phường Lái Thiêu, Thuận An, Bình Dương"
+CCCD_CARD = f"{CCCD_NUMBER}|281234567|{CCCD_NAME}|{CCCD_BORN}|Nữ|{CCCD_ADDRESS}|20072021"
+CCCD_PERSONAL = (CCCD_NUMBER, "281234567", CCCD_NAME, "Xuân Quỳnh", CCCD_BORN, CCCD_ADDRESS, "Lái Thiêu")
+
+
+@dataclass(frozen=True)
+class SignedDcc:
+    """An EU DCC signed by a throw-away issuer, the trust list that verifies it, what in it is personal."""
+
+    payload: str
+    trust_file: Path
+    personal: tuple[str, ...]
+
+
+def signed_dcc(workdir: Path, now: datetime | None = None) -> SignedDcc:
+    """A completed vaccination (last dose 60 days ago) as an HC1 payload, ES256-signed by a
+    throw-away document signer whose certificate is written as the gate's DCC trust list."""
+    now = now or datetime.now(UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "DSC test"), x509.NameAttribute(NameOID.COUNTRY_NAME, "VN")]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=365))
+        .not_valid_after(now + timedelta(days=365))
+        .sign(key, hashes.SHA256())
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    kid = dcc.certificate_kid(der)
+    trust = {
+        "version": "1",
+        "issued": events.utc_ms(now),
+        "certificates": [
+            {
+                "certificate": base64.b64encode(der).decode(),
+                "kid": base64.b64encode(kid).decode(),
+                "country": "VN",
+            }
+        ],
+    }
+    trust_file = workdir / "dcc-trust.json"
+    trust_file.write_text(json.dumps(trust))
+    uvci = "URN:UVCI:01:VN:QX7LUU2024"
+    hcert = {
+        "ver": "1.3.0",
+        "nam": {"fn": "Lưu", "fnt": "LUU", "gn": "Thị Hồng Nhung", "gnt": "THI<HONG<NHUNG"},
+        "dob": "1987-06-05",
+        "v": [
+            {
+                "tg": "840539006",
+                "vp": "1119349007",
+                "mp": "EU/1/20/1528",
+                "dn": 2,
+                "sd": 2,
+                "dt": (now - timedelta(days=60)).date().isoformat(),
+                "co": "VN",
+                "is": "Bo Y te",
+                "ci": uvci,
+            }
+        ],
+    }
+    protected = cbor2.dumps({1: dcc.ES256, 4: kid})
+    claims = cbor2.dumps(
+        {
+            1: "VN",
+            6: int((now - timedelta(days=1)).timestamp()),
+            4: int((now + timedelta(days=30)).timestamp()),
+            -260: {1: hcert},
+        }
+    )
+    r, s = decode_dss_signature(
+        key.sign(cbor2.dumps(["Signature1", protected, b"", claims]), ec.ECDSA(hashes.SHA256()))
+    )
+    cose = cbor2.dumps(
+        cbor2.CBORTag(18, [protected, {}, claims, r.to_bytes(32, "big") + s.to_bytes(32, "big")])
+    )
+    payload = "HC1:" + base45.encode(zlib.compress(cose, 9))
+    personal = ("Lưu", "Thị Hồng Nhung", "Hồng Nhung", "THI<HONG<NHUNG", "HONG", "NHUNG", "1987-06-05", uvci)
+    return SignedDcc(payload, trust_file, personal)
+
+
+def spellings(secret: str | bytes) -> set[str]:
+    """``secret`` as it could show up in a log line: as is, and as Python prints str and bytes."""
+    raw = secret if isinstance(secret, bytes) else secret.encode("utf-8")
+    forms = {repr(raw)[2:-1], raw.hex()}
+    if isinstance(secret, str):
+        forms |= {secret, repr(secret)[1:-1], secret.encode("unicode_escape").decode("ascii")}
+    return forms
 
 
 # --- operator commands -----------------------------------------------------------------------

@@ -382,7 +382,9 @@ class Signals:
                         self._relay_write(False, reason=" (max on-time reached)" if cut else "")
                         self._on_since = None
                         if cut:
-                            self._hold_off_until = now + self.RELAY_GAP_S
+                            # From when the relay really dropped: on a loaded board the write
+                            # can land well after ``now``, and the lock needs the whole gap.
+                            self._hold_off_until = time.monotonic() + self.RELAY_GAP_S
                         continue
                     self._cond.wait(timeout=min(self._want_until, ceiling) - now)
                 elif now < self._want_until:

@@ -20,7 +20,15 @@ from scanner.gate.health import SystemdNotifier
 from scanner.gate.outbox import Outbox
 from scanner.gate.signals import Signals
 from scanner.models import Frame, Reason
-from tests.helpers import CODE_FRAME, OrderCheckingSignals, make_config, make_gate
+from tests.helpers import (
+    CODE_FRAME,
+    HeldSource,
+    OrderCheckingSignals,
+    energised_relay,
+    make_config,
+    make_gate,
+    rising_edges,
+)
 from tests.mqtt_helpers import wait_until
 
 APP = {
@@ -75,6 +83,7 @@ def test_ready_then_watchdog_only_while_frames_flow_and_fault_while_camera_is_do
         notifier = SystemdNotifier({"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "100000"})
         cfg = app_config(tmp_path)
         factory = MockFactory()
+        relay_history = energised_relay(factory, cfg.gpio)
         source = ScriptedSource(frames=60)
         app = App(cfg, pin_factory=factory, source=source, notifier=notifier)
         stop = threading.Event()
@@ -105,10 +114,11 @@ def test_ready_then_watchdog_only_while_frames_flow_and_fault_while_camera_is_do
         finally:
             stop.set()
             runner.join(15)
-            relay = [s.state for s in factory.pin(cfg.gpio.relay_pin).states]
+            relay = relay_history()
             factory.close()
         assert not runner.is_alive()
-        assert relay[0] is False and relay[-1] is False and relay.count(True) == 1  # one code, one pulse
+        # Left energised, driven off at start, then one code, one pulse, and off at the end.
+        assert relay == [True, False, True, False]
 
 
 def test_the_event_is_durable_before_the_relay_moves(tmp_path):
@@ -137,22 +147,67 @@ def test_outbox_full_fails_secure_reject_fault_alarm_and_recovers(tmp_path):
     factory = MockFactory()
     try:
         with Signals(cfg.gpio, pin_factory=factory) as signals:
+            relay = factory.pin(cfg.gpio.relay_pin)
+            buzzer = factory.pin(cfg.gpio.buzzer_pin)
             gate = make_gate(cfg, signals, outbox)
             (outcome,) = gate.process(Frame(CODE_FRAME, 1, 0.0))
             assert not outcome.decision.accepted and outcome.seq is None
             assert outcome.decision.reason == Reason.DEVICE_FAULT
             assert signals.faulty and "outbox" in gate._alarms.snapshot()
+            # The whole reject pattern (three beeps) plays out: a pulse asked for by the failed
+            # scan would have started long before, and would have ended before the next scan,
+            # so it cannot hide inside the recorded scan's pulse below.
+            assert wait_until(lambda: rising_edges([s.state for s in buzzer.states]) == 3, 5)
+            assert wait_until(lambda: not buzzer.state, 5)
+            assert [s.state for s in relay.states] == [False], "the door opened without a record"
             # Space comes back (the publisher drained it): the next scan is recorded and the fault clears.
             outbox.remove(range(1, 11))
             (outcome,) = gate.process(Frame(CODE_FRAME, 2, 10.0))
             assert outcome.decision.accepted and outcome.seq == 11
             assert wait_until(lambda: signals.relay_active, 2)
             assert not signals.faulty and "outbox" not in gate._alarms.snapshot()
-        relay = [s.state for s in factory.pin(cfg.gpio.relay_pin).states]
-        assert relay.count(True) == 1  # only the recorded scan opened the door
+        # Only the recorded scan opened the door: one pulse, and it ended.
+        assert [s.state for s in relay.states] == [False, True, False]
     finally:
         outbox.close()
         factory.close()
+
+
+class ClosingSource(HeldSource):
+    """A camera that notes the relay pin's level at the moment the daemon closes it."""
+
+    def __init__(self, image, relay) -> None:
+        super().__init__(image)
+        self._relay = relay
+        self.relay_at_close: list[bool] = []
+
+    def close(self) -> None:
+        self.relay_at_close.append(bool(self._relay.state))
+
+
+def test_stop_drops_the_relay_before_anything_else_is_shut_down(tmp_path):
+    # A long pulse is running when the stop comes. Shutting down takes seconds (threads
+    # joined, the camera closed, the outbox drained towards a broker that may be gone): the
+    # door must not stay released through all that, so the relay is the first thing to go.
+    cfg = app_config(tmp_path, gpio={"relay_pulse_s": 8.0}, daemon={"drain_timeout_s": 2.0})
+    factory = MockFactory()
+    relay = factory.pin(cfg.gpio.relay_pin)
+    source = ClosingSource(CODE_FRAME, relay)
+    app = App(cfg, pin_factory=factory, source=source)
+    stop = threading.Event()
+    runner = threading.Thread(target=app.run, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        assert wait_until(lambda: relay.state, 10), "the accepted code never pulsed the relay"
+        stop.set()
+        runner.join(20)
+        history = [s.state for s in relay.states]
+    finally:
+        stop.set()
+        factory.close()
+    assert not runner.is_alive()
+    assert source.relay_at_close == [False], "the relay was still energised when the camera was closed"
+    assert history == [False, True, False]
 
 
 @pytest.mark.parametrize("payload", [b"\x00" * 50, b"A" * 1200, "Nguyễn Văn A".encode()])

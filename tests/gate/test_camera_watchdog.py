@@ -8,6 +8,7 @@ on small timeouts, and they wait on conditions, never on sleeps.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -19,7 +20,6 @@ from gpiozero.pins.mock import MockFactory
 
 from scanner import config as config_mod
 from scanner.config import CameraConfig
-from scanner.gate import app as app_mod
 from scanner.gate.app import App
 from scanner.gate.camera import CameraError
 from scanner.gate.camera.opencv import OpenCvSource
@@ -27,8 +27,9 @@ from scanner.gate.camera.slot import LatestFrameSlot
 from scanner.gate.camera.watchdog import CameraSupervisor, FrameCheck
 from scanner.gate.health import SystemdNotifier
 from scanner.models import Frame
-from tests.helpers import make_config
-from tests.mqtt_helpers import wait_until
+from scanner.sim.localbroker import LocalBroker
+from tests.helpers import make_config, unique_name
+from tests.mqtt_helpers import Subscriber, wait_until
 
 WAIT = 5.0  # bound for thread hand-offs; never slept
 
@@ -407,9 +408,15 @@ def test_an_opencv_camera_unplugged_then_replugged_recovers(source: str) -> None
 # --- the app: fault, status, alarm and the systemd watchdog ---------------------------------
 
 
-def watchdog_config(tmp_path: Path, **camera: object) -> config_mod.Config:
+def watchdog_config(tmp_path: Path, broker: LocalBroker, **camera: object) -> config_mod.Config:
     fast = {"fps": 50.0, "capture_timeout_s": 0.2, "reopen_backoff_s": 0.02, "reopen_backoff_max_s": 0.05}
-    return make_config(tmp_path, {"camera": fast, "daemon": {"drain_timeout_s": 0.2}}, camera=camera)
+    return make_config(
+        tmp_path,
+        {"camera": fast, "daemon": {"drain_timeout_s": 0.2}},
+        camera=camera,
+        device={"id": unique_name("gate"), "site": unique_name("site")},
+        mqtt={"host": broker.host, "port": broker.port},
+    )
 
 
 class PluggableSource:
@@ -443,29 +450,20 @@ class PluggableSource:
 
 
 @contextlib.contextmanager
-def running_app(tmp_path: Path, source: PluggableSource, monkeypatch: pytest.MonkeyPatch, **camera: object):
-    published: list[str] = []
-    real_publisher = app_mod.Publisher
-
-    def publisher(config, outbox, *, status, **kwargs):
-        pub = real_publisher(config, outbox, status=status, **kwargs)
-        real_publish = pub.publish_status
-
-        def publish_status() -> None:
-            published.append(status()["camera"])
-            real_publish()
-
-        pub.publish_status = publish_status
-        return pub
-
-    monkeypatch.setattr(app_mod, "Publisher", publisher)
+def running_app(tmp_path: Path, broker: LocalBroker, source: PluggableSource, **camera: object):
+    """The app on a real broker; yields it, its pins, a subscriber to its retained status and a
+    counter of the systemd watchdog pings it sent."""
     sock_path = tmp_path / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    config = watchdog_config(tmp_path, broker, **camera)
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
+        Subscriber(broker, config.topic("status")) as status,
+    ):
         sock.bind(str(sock_path))
         sock.setblocking(False)
         notifier = SystemdNotifier({"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "100000"})
         factory = MockFactory()
-        app = App(watchdog_config(tmp_path, **camera), pin_factory=factory, source=source, notifier=notifier)
+        app = App(config, pin_factory=factory, source=source, notifier=notifier)
         stop = threading.Event()
         runner = threading.Thread(target=app.run, args=(stop,), daemon=True)
         runner.start()
@@ -480,7 +478,7 @@ def running_app(tmp_path: Path, source: PluggableSource, monkeypatch: pytest.Mon
                 pings[0] += data.split("\n").count("WATCHDOG=1")
 
         try:
-            yield app, factory, published, count_pings
+            yield app, factory, status, count_pings
         finally:
             stop.set()
             runner.join(10)
@@ -488,11 +486,22 @@ def running_app(tmp_path: Path, source: PluggableSource, monkeypatch: pytest.Mon
         assert not runner.is_alive()
 
 
+def statuses(messages: list) -> list[dict]:
+    return [json.loads(m.payload) for m in messages]
+
+
+def recovered_after_failure(seen: list[dict]) -> bool:
+    failed = next((i for i, s in enumerate(seen) if s["camera"] == "failed"), None)
+    return failed is not None and any(
+        s["camera"] == "ok" and "camera" not in s["alarms"] for s in seen[failed + 1 :]
+    )
+
+
 def test_app_shows_the_fault_while_the_camera_is_down_keeps_feeding_the_watchdog_and_clears_on_recovery(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, broker: LocalBroker
 ) -> None:
     source = PluggableSource()
-    with running_app(tmp_path, source, monkeypatch, give_up_after_s=60.0) as (app, factory, published, pings):
+    with running_app(tmp_path, broker, source, give_up_after_s=60.0) as (app, factory, status, pings):
         assert wait_until(lambda: app.camera_state == "ok", WAIT)
         assert wait_until(lambda: pings() > 0, WAIT)
         source.plugged.clear()
@@ -506,24 +515,35 @@ def test_app_shows_the_fault_while_the_camera_is_down_keeps_feeding_the_watchdog
         assert wait_until(lambda: pings() >= before + 3, WAIT)
         red = factory.pin(app.config.gpio.red_pin)
         assert wait_until(lambda: any(s.state for s in red.states), WAIT)  # the slow fault blink
+        # Operators were told: a retained status with the camera failed and why.
+        assert status.wait_for(
+            lambda msgs: any(
+                s["camera"] == "failed" and "unplugged" in s["alarms"].get("camera", "")
+                for s in statuses(msgs)
+            ),
+            WAIT,
+        ), statuses(status.messages)
         source.plugged.set()
         assert wait_until(lambda: app.camera_state == "ok", WAIT)
         assert "camera" not in app.alarms.snapshot()
-        assert wait_until(lambda: published and published[-1] == "ok", WAIT)
-        assert "failed" in published  # the outage itself was published too
+        # ... and told again when it came back: a later status says ok, with no camera alarm.
+        assert status.wait_for(lambda msgs: recovered_after_failure(statuses(msgs)), WAIT), statuses(
+            status.messages
+        )
         assert app._alive()
+        # It is retained: a control room that connects only now sees the camera ok.
+        with Subscriber(broker, app.config.topic("status")) as late:
+            assert late.wait_for(lambda msgs: bool(msgs), WAIT)
+            (retained,) = statuses(late.messages)
+        assert retained["camera"] == "ok" and "camera" not in retained["alarms"]
+        assert all(m.retain for m in late.messages)
 
 
 def test_app_stops_feeding_the_watchdog_when_recovery_keeps_failing_past_give_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, broker: LocalBroker
 ) -> None:
     source = PluggableSource()
-    with running_app(tmp_path, source, monkeypatch, give_up_after_s=0.5) as (
-        app,
-        _factory,
-        _published,
-        pings,
-    ):
+    with running_app(tmp_path, broker, source, give_up_after_s=0.5) as (app, _factory, _status, pings):
         assert wait_until(lambda: app.camera_state == "ok", WAIT)
         source.plugged.clear()
         assert wait_until(lambda: app.camera_state == "failed", WAIT)

@@ -44,6 +44,7 @@ from tests.helpers import (
     HeldSource,
     OrderCheckingSignals,
     deny_config,
+    energised_relay,
     gate_config,
     make_gate,
     running,
@@ -124,11 +125,188 @@ def test_every_refusal_has_its_reason(tmp_path, make, name, reason):
     assert refusal.value.reason == reason
 
 
+def resigned(env: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """``env`` with ``changes`` (None removes a field), signed again by the operator key."""
+    body = {k: v for k, v in {**env, **changes}.items() if v is not None and k != "sig"}
+    return {**body, "sig": base64.b64encode(OPERATOR.sign(commands.canonical(body))).decode()}
+
+
+GOOD = signed("open", "gate-u", now=NOW, nonce="ab" * 16)
+OK_KID = OPERATOR_KID.hex()
+
+
+@pytest.mark.parametrize(
+    ("payload", "name", "reason", "detail"),
+    [
+        (b"[1]", "open", "malformed", "expected a JSON object"),
+        (b"\xff", "open", "malformed", "not UTF-8 JSON: "),
+        (
+            b" " * (commands.MAX_PAYLOAD + 1),
+            "open",
+            "malformed",
+            f"payload over {commands.MAX_PAYLOAD} bytes",
+        ),
+        (b"", "reload", "unsigned", "reload must be signed by an operator key"),
+        (
+            {k: v for k, v in GOOD.items() if k != "sig"},
+            "open",
+            "unsigned",
+            "open must be signed by an operator key",
+        ),
+        (resigned(GOOD, extra=1), "open", "malformed", "unknown fields ['extra']"),
+        (
+            resigned(GOOD, schema="gate-scanner/cmd/2"),
+            "open",
+            "malformed",
+            "schema must be 'gate-scanner/cmd/1'",
+        ),
+        (resigned(GOOD, schema=None), "open", "malformed", "schema must be 'gate-scanner/cmd/1'"),
+        (GOOD, "reload", "malformed", "name 'open' is not the topic's 'reload'"),
+        (resigned(GOOD, device=7), "open", "malformed", "device must be a string"),
+        (resigned(GOOD, nonce="AB" * 16), "open", "malformed", "nonce must be 16-64 lowercase hex digits"),
+        (resigned(GOOD, nonce="a" * 15), "open", "malformed", "nonce must be 16-64 lowercase hex digits"),
+        (resigned(GOOD, nonce="a" * 65), "open", "malformed", "nonce must be 16-64 lowercase hex digits"),
+        (resigned(GOOD, nonce=None), "open", "malformed", "nonce must be 16-64 lowercase hex digits"),
+        (resigned(GOOD, args=[]), "open", "malformed", "args must be an object"),
+        (resigned(GOOD, kid=12), "open", "malformed", "kid must be a hex string"),
+        (resigned(GOOD, ts=1764403200), "open", "malformed", "ts must be an RFC 3339 string"),
+        (
+            resigned(GOOD, ts="2026-11-29T08:00:00"),
+            "open",
+            "malformed",
+            "ts is not an RFC 3339 time with an offset: ",
+        ),
+        (resigned(GOOD, ts="yesterday"), "open", "malformed", "ts is not an RFC 3339 time with an offset: "),
+        ({**GOOD, "kid": "zz"}, "open", "malformed", "kid must be hex and sig base64"),
+        ({**GOOD, "sig": "not base64!"}, "open", "malformed", "kid must be hex and sig base64"),
+        ({**GOOD, "sig": 5}, "open", "malformed", "kid must be hex and sig base64"),
+        ({**GOOD, "kid": "abcdef"}, "open", "malformed", "kid must be 4 bytes"),
+        ({**GOOD, "kid": ""}, "open", "malformed", "kid must be 4 bytes"),
+        # A valid signature with a stray character: no decoder may skip it into a valid one.
+        (
+            {**GOOD, "sig": GOOD["sig"][:10] + "*" + GOOD["sig"][10:]},
+            "open",
+            "malformed",
+            "kid must be hex and sig base64",
+        ),
+        (b" " * commands.MAX_PAYLOAD, "open", "unsigned", "open must be signed by an operator key"),
+        (
+            {**GOOD, "kid": "00112233"},
+            "open",
+            "unknown_key",
+            "kid 00112233 is not an operator key of this gate",
+        ),
+        (
+            {**GOOD, "nonce": "cd" * 16},
+            "open",
+            "bad_signature",
+            f"signature does not verify under kid {OK_KID}",
+        ),
+        (
+            signed("open", "gate-x", now=NOW),
+            "open",
+            "wrong_device",
+            "command is for 'gate-x', this is 'gate-u'",
+        ),
+        (
+            signed("open", "gate-u", now=NOW - timedelta(seconds=60, milliseconds=1)),
+            "open",
+            "stale",
+            "ts is +60 s from the gate's clock (limit 60 s)",
+        ),
+        (
+            signed("open", "gate-u", now=NOW + timedelta(seconds=75)),
+            "open",
+            "stale",
+            "ts is -75 s from the gate's clock (limit 60 s)",
+        ),
+        (GOOD, "explode", "unknown_command", "no command 'explode'; known: lists, open, reload, selftest"),
+        (b"{not json", "selftest", "malformed", "not UTF-8 JSON: "),
+    ],
+    # Short ids of plain words: mutmut passes each test's id on pytest's command line.
+    ids=lambda value: value if isinstance(value, str) and value.isidentifier() else "",
+)
+def test_every_refusal_says_why(tmp_path, payload, name, reason, detail):
+    # The reply's reason is for programs, its detail for the operator reading it: both exact.
+    v = verifier(unit_config(tmp_path))
+    with pytest.raises(Refused) as refusal:
+        v.verify(inbound(payload, name), NOW)
+    assert refusal.value.reason == reason
+    if detail.endswith(": "):  # the rest is the parser's own words
+        assert refusal.value.detail.startswith(detail), refusal.value.detail
+    else:
+        assert refusal.value.detail == detail
+    assert str(refusal.value) == f"{reason}: {refusal.value.detail}"
+
+
+def test_the_age_limits_are_inclusive(tmp_path):
+    # Exactly max_age_s old (or ahead), or exactly the start grace before the start: accepted.
+    v = verifier(unit_config(tmp_path))
+    assert v.verify(inbound(signed("open", "gate-u", now=NOW - timedelta(seconds=2))), NOW).name == "open"
+    (tmp_path / "b").mkdir()
+    v = verifier(unit_config(tmp_path / "b"))
+    late = NOW + timedelta(seconds=60)
+    assert v.verify(inbound(signed("open", "gate-u", now=NOW)), late).name == "open"
+    (tmp_path / "c").mkdir()
+    v = verifier(unit_config(tmp_path / "c"))
+    with pytest.raises(Refused) as refusal:
+        v.verify(inbound(signed("open", "gate-u", now=NOW - timedelta(seconds=2, milliseconds=1))), NOW)
+    assert (refusal.value.reason, refusal.value.detail) == ("stale", "signed before this gate started")
+
+
+def test_args_may_be_left_out_of_a_command_that_takes_none(tmp_path):
+    v = verifier(unit_config(tmp_path))
+    envelope = resigned(GOOD, args=None)
+    assert "args" not in envelope
+    assert v.verify(inbound(envelope), NOW).args == {}
+
+
+def test_a_replay_file_that_cannot_even_be_looked_at_still_refuses_what_came_before_the_start(tmp_path):
+    # Unreadable, and no modification time to go by either: the guard falls back to the start
+    # time, never to no floor at all.
+    path = tmp_path / ("r" * 300)  # a name the filesystem refuses: read and stat both fail
+    guard = commands.ReplayGuard(path, 60.0, now=NOW)
+    assert guard.floor == NOW
+    with pytest.raises(Refused) as refusal:
+        guard.admit("e" * 16, NOW - timedelta(seconds=1))
+    assert refusal.value.reason == "replayed"
+
+
+def test_read_only_selftest_needs_no_signature_but_a_full_envelope_is_still_checked(tmp_path):
+    v = verifier(unit_config(tmp_path))
+    bare = v.verify(inbound(b"", "selftest"), NOW)
+    assert (bare.name, bare.device, bare.ts, bare.nonce, bare.args, bare.kid) == (
+        "selftest",
+        "",
+        NOW,
+        "",
+        {},
+        None,
+    )
+    envelope = {k: v for k, v in signed("selftest", "gate-u", now=NOW).items() if k not in ("sig", "kid")}
+    checked = v.verify(inbound(envelope), NOW + timedelta(seconds=1))
+    assert (checked.name, checked.device, checked.ts) == ("selftest", "gate-u", NOW)
+
+
+def test_the_signed_bytes_are_the_documented_ones():
+    # README (MQTT, Commands): the context, then the envelope without sig as UTF-8 JSON with
+    # sorted keys and no spaces. Another implementation signs exactly these bytes.
+    envelope = {"sig": "x", "ts": "T", "args": {"denylist": "Nguyễn\n", "b": [1, 2]}, "name": "lists"}
+    assert commands.canonical(envelope) == (
+        b'gate-scanner/cmd/1\x00{"args":{"b":[1,2],"denylist":"Nguy\xe1\xbb\x85n\\n"},"name":"lists","ts":"T"}'
+    )
+    with pytest.raises(ValueError):
+        commands.canonical({"args": {"x": float("nan")}})  # no JSON has it: never signed
+
+
 def test_signed_commands_are_refused_when_no_operator_keys_are_configured(tmp_path):
     v = verifier(unit_config(tmp_path, keys=False))
     with pytest.raises(Refused) as refusal:
         v.verify(inbound(signed("open", "gate-u", now=NOW)), NOW)
-    assert refusal.value.reason == "not_configured"
+    assert (refusal.value.reason, refusal.value.detail) == (
+        "not_configured",
+        "commands.operator_keys_file is not set: signed commands are off",
+    )
     # selftest is read-only: no signature, no keys needed.
     assert v.verify(Inbound("selftest", b""), NOW).name == "selftest"
 
@@ -144,7 +322,10 @@ def test_signed_commands_need_mqtt_v5_where_a_retained_command_is_visible(tmp_pa
     )
     with pytest.raises(Refused) as refusal:
         verifier(cfg).verify(inbound(signed("open", "gate-u", now=NOW)), NOW)
-    assert refusal.value.reason == "not_configured"
+    assert (refusal.value.reason, refusal.value.detail) == (
+        "not_configured",
+        'signed commands need mqtt.protocol = "5" (3.1.1 hides retain)',
+    )
 
 
 def test_a_command_signed_before_the_gate_started_is_stale(tmp_path):
@@ -160,7 +341,10 @@ def test_the_replay_guard_is_bounded_and_forgets_only_what_its_floor_refuses(tmp
     guard.admit("b" * 16, NOW)
     with pytest.raises(Refused) as refusal:
         guard.admit("c" * 16, NOW)  # never forgets a live nonce
-    assert refusal.value.reason == "busy"
+    assert (refusal.value.reason, refusal.value.detail) == (
+        "busy",
+        "too many recent commands; try again later",
+    )
     with pytest.raises(Refused) as refusal:
         guard.admit("a" * 16, NOW + timedelta(seconds=30))
     assert refusal.value.reason == "replayed"
@@ -169,6 +353,28 @@ def test_the_replay_guard_is_bounded_and_forgets_only_what_its_floor_refuses(tmp
     with pytest.raises(Refused) as refusal:
         guard.admit("d" * 16, NOW)
     assert refusal.value.reason == "replayed"
+
+
+def test_the_replay_floor_is_inclusive_and_a_nonce_at_it_is_kept(tmp_path):
+    # The floor trails the newest executed ts by max_age_s: a command exactly that old may still
+    # run (the operator who sent it saw it within max_age_s), and once it has, its nonce stays
+    # for as long as its ts is not below the floor, so it cannot run twice.
+    guard = commands.ReplayGuard(tmp_path / commands.REPLAY_FILE, 60.0, now=NOW)
+    top = NOW + timedelta(seconds=100)
+    guard.admit("a" * 16, top)
+    assert guard.floor == top - timedelta(seconds=60)
+    guard.admit("b" * 16, guard.floor)  # exactly at the floor
+    guard.admit("c" * 16, top)  # another at the top: the floor stays, and so does b
+    assert set(guard.nonces) == {"a" * 16, "b" * 16, "c" * 16}
+    with pytest.raises(Refused) as refusal:
+        guard.admit("b" * 16, guard.floor)
+    assert (refusal.value.reason, refusal.value.detail) == ("replayed", "nonce already used")
+    with pytest.raises(Refused) as refusal:
+        guard.admit("d" * 16, guard.floor - timedelta(milliseconds=1))
+    assert refusal.value.reason == "replayed"
+    assert refusal.value.detail == f"ts is older than an executed command allows ({guard.floor.isoformat()})"
+    reread = commands.ReplayGuard(tmp_path / commands.REPLAY_FILE, 60.0, now=NOW)
+    assert (reread.floor, reread.highest, reread.nonces) == (guard.floor, guard.highest, guard.nonces)
 
 
 def _replay_state(tmp_path: Path) -> dict[str, Any]:
@@ -518,6 +724,7 @@ def test_signed_open_records_one_event_pulses_once_and_replies_with_the_correlat
 ):
     cfg = gate_config(broker, tmp_path)
     factory = MockFactory()
+    history = energised_relay(factory, cfg.gpio)
     # A sender may name a response topic, but the gate only ever replies on its own reply
     # topic: otherwise a command could make it publish onto its checkin or status topics.
     response_topic = f"operators/{uuid.uuid4().hex}/replies"
@@ -535,12 +742,10 @@ def test_signed_open_records_one_event_pulses_once_and_replies_with_the_correlat
             (event,) = [json.loads(p) for p in sub.payloads(cfg.topic("checkin"))]
             jsonschema.validate(event, CHECKIN_SCHEMA)
             assert event["credential"]["type"] == "operator"
-            assert wait_until(
-                lambda: relay_history(factory, cfg)[-1] is False and True in relay_history(factory, cfg), 5
-            )
+            assert wait_until(lambda: history() == [True, False, True, False], 5), history()
             assert app.gate is not None and app.gate.reasons == {Reason.OK: 1}
-        history = relay_history(factory, cfg)
-        assert history[0] is False and history[-1] is False and history.count(True) == 1
+        # Left energised, driven off at start, one pulse for the one open, off at the end.
+        assert history() == [True, False, True, False]
     finally:
         factory.close()
 

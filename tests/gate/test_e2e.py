@@ -26,7 +26,16 @@ from scanner.sim import synth
 from scanner.sim.demo import ALLOWED, DENIED, EXIT_SCENES, RETRY_SCENES, write_demo_files
 from scanner.sim.demo import SCENES as DEMO_SCENES
 from scanner.sim.localbroker import LocalBroker
-from tests.helpers import rising_edges, toml_text, toml_with
+from tests.helpers import (
+    CCCD_CARD,
+    CCCD_PERSONAL,
+    energised_relay,
+    rising_edges,
+    signed_dcc,
+    spellings,
+    toml_text,
+    toml_with,
+)
 from tests.mqtt_helpers import Subscriber, wait_until
 
 SCHEMA = json.loads(events.schema_path().read_text())
@@ -89,9 +98,10 @@ def test_frames_to_subscriber_with_relay_history(tmp_path):
     with LocalBroker(tmp_path / "broker") as broker, Subscriber(broker, "gate/#") as sub:
         cfg = configure(tmp_path, broker.port, SCENES)
         factory = MockFactory()
+        relay_history = energised_relay(factory, cfg.gpio)
         try:
             _, code = run_app(cfg, factory)
-            relay_states = [s.state for s in factory.pin(cfg.gpio.relay_pin).states]
+            relay_states = relay_history()
         finally:
             factory.close()
         assert code == 0
@@ -107,8 +117,9 @@ def test_frames_to_subscriber_with_relay_history(tmp_path):
         ("rejected", "unknown_format"),
         ("accepted", "ok"),
     ]
-    # The relay starts off, pulses exactly once per accept, never on a reject, and ends off.
-    assert relay_states[0] is False and relay_states[-1] is False
+    # Left energised, the relay is driven off at start, pulses exactly once per accept, never
+    # on a reject, and ends off.
+    assert relay_states == [True, False, True, False, True, False]
     assert rising_edges(relay_states) == 2
     for text in ALLOWED + DENIED + ("VISITOR-7",):
         assert text.encode() not in b"".join(sub.payloads())
@@ -200,26 +211,94 @@ def test_sigkill_with_unsent_rows_then_restart_delivers_everything(tmp_path):
 
 
 def test_sigterm_stops_cleanly_with_relay_off_and_offline(tmp_path):
-    # Enough scenes (2 s each) that SIGTERM lands mid-run, after the second check-in.
-    scenes = [(f"person {i}", ALLOWED[0] if i % 3 == 0 else f"V-{i}") for i in range(10)]
+    # One accept with a long pulse, then visitors (2 s a scene): SIGTERM lands while the relay
+    # is energised, so the log shows when the stop dropped it (the pins are in the daemon).
+    scenes = [("allowed", ALLOWED[0])] + [(f"person {i}", f"V-{i}") for i in range(1, 10)]
     with LocalBroker(tmp_path / "broker") as broker, Subscriber(broker, "gate/#") as sub:
-        cfg = configure(tmp_path, broker.port, scenes)
+        cfg = configure(tmp_path, broker.port, scenes, **{"gpio.relay_pulse_s": 9.0})
         log = tmp_path / "daemon.log"
         with open(log, "wb") as err:
             daemon = spawn_daemon(cfg.path, err)
             try:
-                assert wait_until(lambda: len(checkins(sub)) >= 2, 30), log.read_text()
+                assert wait_until(lambda: b"relay on" in log.read_bytes(), 30), log.read_text()
+                assert wait_until(lambda: len(checkins(sub)) >= 1, 30), log.read_text()
                 daemon.send_signal(signal.SIGTERM)
                 assert daemon.wait(30) == 0, log.read_text()
             finally:
                 if daemon.poll() is None:
                     daemon.kill()
         assert sub.wait_payload(cfg.topic("availability"), b"offline", 10)
-    text = log.read_text()
-    assert "received SIGTERM" in text
+    lines = log.read_text().splitlines()
+
+    def first(text: str, after: int = -1) -> int:
+        return next((i for i, line in enumerate(lines) if i > after and text in line), len(lines))
+
+    on, stopping = first("relay on"), first("received SIGTERM")
+    assert on < stopping < len(lines), "SIGTERM must land while the relay is energised"
+    off = first("relay off", after=on)
+    # Off first: before the link is closed, and so before the joins, the camera and the drain.
+    assert stopping < off < first("mqtt link to", after=stopping), "\n".join(lines[on:])
     # Everything committed before the stop was sent (or stays in the outbox for the next run).
-    committed = text.count(" seq=")
+    committed = sum(" seq=" in line for line in lines)
     assert len(seqs(sub)) + outbox_depth(cfg.storage.dir / "outbox.db") == committed
+
+
+def test_no_personal_data_in_the_log_or_on_mqtt_at_any_level(tmp_path):
+    # A CCCD card, a signed DCC and plain codes go through the real daemon (a subprocess, as
+    # systemd runs it) with debug logging; neither its output nor anything it publishes may
+    # hold a raw code, an ID number, a name, a date of birth or an address.
+    health = signed_dcc(tmp_path)
+    plain_ok, plain_denied = "BADGE-Q7X4ZK", "BADGE-DENY-9R2W"
+    scenes = (
+        ("badge", plain_ok),
+        ("ID card", CCCD_CARD),
+        ("health certificate", health.payload),
+        ("banned badge", plain_denied),
+        ("random bytes", RANDOM_BYTES),
+    )
+    with LocalBroker(tmp_path / "broker") as broker, Subscriber(broker, "gate/#") as sub:
+        path = write_demo_files(tmp_path, broker_port=broker.port, scenes=scenes, fps=40.0)
+        table = toml_with(
+            path,
+            {
+                "policy.accept": ["signed", "dcc", "cccd", "plain"],
+                "policy.dcc_trust_file": str(health.trust_file),
+                "daemon.log_level": "debug",
+            },
+        )
+        del table["policy"]["allowlist_file"]  # so that every readable code is let in
+        (tmp_path / "deny.txt").write_text(f"{plain_denied}\n")
+        path.write_text(toml_text(table))
+        cfg = config_mod.load(path)
+        result = subprocess.run(
+            [sys.executable, "-m", "scanner", "run", "--config", str(path)],
+            capture_output=True,
+            timeout=120,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output.decode(errors="replace")[-3000:]
+        assert wait_until(lambda: len(checkins(sub)) >= len(scenes), 10), checkins(sub)
+        assert sub.wait_payload(cfg.topic("availability"), b"offline", 10)
+    received = checkins(sub)
+    check_events(received)
+    # Each code was read and judged: the personal data went through the daemon.
+    assert [(e["credential"]["type"], e["reason"]) for e in received] == [
+        ("plain", "ok"),
+        ("cccd", "ok"),
+        ("dcc", "ok"),
+        ("plain", "denylisted"),
+        ("unknown", "unknown_format"),
+    ]
+    assert all(e["credential"].get("subject") for e in received[:4])
+    log_text = output.decode("utf-8", errors="replace")
+    assert " DEBUG " in log_text  # the level that would show the most was on
+    published = b"".join(sub.payloads()).decode("utf-8", errors="replace")
+    personal = (plain_ok, plain_denied, *CCCD_PERSONAL, *health.personal)
+    raw_codes = (CCCD_CARD, health.payload, health.payload[4:40], RANDOM_BYTES)
+    for secret in personal + raw_codes:
+        for form in spellings(secret):
+            assert form not in log_text, f"{secret!r} is in the daemon's log as {form!r}"
+            assert form not in published, f"{secret!r} was published as {form!r}"
 
 
 def test_demo_command_runs_end_to_end():

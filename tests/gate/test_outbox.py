@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,21 @@ def test_pending_remove_and_oldest(tmp_path: Path) -> None:
         assert ob.oldest_created() == "2026-01-01T00:00:03.000Z"
 
 
+def test_every_commit_is_synced_before_append_returns(tmp_path: Path) -> None:
+    # The promise behind "committed before the relay moves": a returned append survives a
+    # power cut. In WAL mode that takes synchronous=FULL (the WAL is fsynced at every commit);
+    # NORMAL syncs only at checkpoints and loses the last commits on power loss, OFF never syncs.
+    db = tmp_path / "outbox.db"
+    for _ in range(2):  # a new file and an existing one alike
+        with Outbox(db, max_events=10) as ob:
+            ob.append(payload)
+            conn = ob._conn
+            assert conn is not None
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+            assert not conn.in_transaction  # append returned after COMMIT, not inside it
+
+
 def test_build_failure_stores_nothing_and_keeps_seq(tmp_path: Path) -> None:
     def broken(seq: int, created: str) -> bytes:
         raise RuntimeError("encoder bug")
@@ -86,8 +102,10 @@ def test_full_raises_and_recovers(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.db", max_events=3) as ob:
         for _ in range(3):
             ob.append(payload)
-        with pytest.raises(OutboxError, match="full"):
+        with pytest.raises(OutboxError) as info:
             ob.append(payload)
+        # The reason goes into the ``outbox`` alarm an operator reads.
+        assert info.value.reason == str(info.value) == "full: 3 events (max 3)"
         ob.remove([1])
         assert ob.append(payload) == 4
 
@@ -131,6 +149,56 @@ def test_junk_file_is_quarantined_and_seqs_continue_above_the_mark(tmp_path: Pat
         assert ob.quarantined is None
         assert ob.append(payload) == seq + 1
     assert len(_quarantined_files(tmp_path)) >= 1
+
+
+def test_a_quarantined_outbox_is_named_by_the_utc_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # README: outbox.db.corrupt-<UTC time>, whatever the gate's local zone.
+    monkeypatch.setenv("TZ", "Asia/Ho_Chi_Minh")
+    time.tzset()
+    try:
+        db = tmp_path / "outbox.db"
+        db.write_bytes(b"not a database" * 300)
+        before = datetime.now(UTC)
+        with Outbox(db, max_events=10) as ob:
+            moved = ob.quarantined
+            assert moved is not None
+            stamp = datetime.strptime(moved.name.removeprefix("outbox.db.corrupt-"), "%Y%m%dT%H%M%S.%fZ")
+            assert before - timedelta(seconds=1) <= stamp.replace(tzinfo=UTC) <= datetime.now(UTC)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_a_corrupt_outbox_that_cannot_be_moved_aside_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "outbox.db"
+    db.write_bytes(b"not a database" * 300)
+
+    def no_rename(src: object, dst: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", no_rename)
+    with pytest.raises(OutboxError) as info:
+        Outbox(db, max_events=10)
+    assert str(info.value).startswith(f"{db} is corrupt (")
+    assert str(info.value).endswith("and cannot be moved aside: [Errno 13] Permission denied")
+
+
+def test_a_failed_read_is_an_outbox_error_that_says_why(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_events=10) as ob:
+        ob.append(payload)
+        assert ob._conn is not None
+        ob._conn.execute("DROP TABLE outbox")  # what a damaged page does to a query
+        for read in (ob.oldest_created, ob.pending):
+            with pytest.raises(OutboxError) as info:
+                read()
+            assert str(info.value).startswith("cannot read: "), info.value
+        with pytest.raises(OutboxError) as info:
+            ob.oldest_created()
+        assert str(info.value) == "cannot read: no such table: outbox"
 
 
 def test_malformed_pages_are_quarantined(tmp_path: Path) -> None:
@@ -373,3 +441,24 @@ def test_a_quarantined_outbox_is_deleted_after_four_weeks(tmp_path: Path) -> Non
         os.utime(path, (stamp, stamp))
     Outbox(tmp_path / "o.db", max_events=10).close()
     assert not old.exists() and recent.exists()
+
+
+def test_a_failed_removal_leaves_no_transaction_open(tmp_path: Path) -> None:
+    # The publisher removes, the pipeline appends, on one connection: a removal that fails in
+    # any way must roll back, or every later append (every scan) fails too.
+    with Outbox(tmp_path / "o.db", max_events=10) as ob:
+        for _ in range(3):
+            ob.append(payload)
+        assert ob._conn is not None
+        ob._conn.execute(
+            "CREATE TRIGGER no_delete BEFORE DELETE ON outbox BEGIN SELECT RAISE(ABORT, 'no'); END"
+        )
+        with pytest.raises(OutboxError) as info:
+            ob.remove([1])
+        assert str(info.value) == "cannot remove: no"
+        assert ob.append(payload) == 4
+        with pytest.raises(OverflowError):  # too large to bind: not even an SQLite error
+            ob.remove_range(2**70, 2**71)
+        assert ob.append(payload) == 5
+        ob._conn.execute("DROP TRIGGER no_delete")
+        assert ob.remove_upto(5) == 5 and ob.depth() == 0

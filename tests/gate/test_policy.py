@@ -1,4 +1,7 @@
 import random
+import re
+import string
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -57,13 +60,36 @@ def test_payload_table(payload, reason):
     assert decide(payload).reason == reason
 
 
+def expected_for_random(payload: bytes) -> Reason:
+    """What the README promises for a payload with no pass or DCC prefix: one that starts like
+    an ID card (a number, then ``|`` and more fields) is judged as one, and random bytes make a
+    malformed card; plain text up to 256 bytes is a code (with no lists, let in); longer text
+    is malformed; anything else (binary, empty, control characters) is of unknown format."""
+    payload = payload.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n\x00")
+    if re.match(rb"[ \t]*(?:[0-9]{12}[ \t]*\||[0-9]+[ \t]*\|(?:[^|]*\|){4})", payload):
+        return Reason.MALFORMED
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return Reason.UNKNOWN_FORMAT
+    if not text.strip() or any(unicodedata.category(c) == "Cc" for c in text):
+        return Reason.UNKNOWN_FORMAT
+    return Reason.MALFORMED if len(payload) > 256 else Reason.OK
+
+
 def test_any_random_or_oversized_payload_is_a_reject_with_a_reason_never_an_exception():
     rng = random.Random(1)
+    text_chars = string.ascii_letters + string.digits + "-_.#/"
     for size in [0, 1, 2, 7, 64, 255, 256, 257, 1000, 3000, 7089]:
         for _ in range(30):
-            decision = decide(bytes(rng.getrandbits(8) for _ in range(size)))
-            assert isinstance(decision.reason, Reason)
-            assert decision.accepted == (decision.reason == Reason.OK)
+            binary = bytes(rng.getrandbits(8) for _ in range(size))
+            text = "".join(rng.choice(text_chars) for _ in range(size)).encode()
+            for payload in (binary, text):
+                decision = decide(payload)
+                assert decision.reason == expected_for_random(payload), payload
+                assert decision.accepted == (decision.reason == Reason.OK)
+                if not decision.accepted:
+                    assert decision.detail, payload  # an operator can see why
 
 
 def test_allow_and_deny_by_raw_value_or_pseudonym():

@@ -707,3 +707,206 @@ def test_collector_mode_resends_soon_what_the_broker_delivered_to_nobody(
     ), seqs(collector, topic)
     assert time.monotonic() - started < 10  # well before the ack timeout
     assert outbox.depth() == 3  # still waiting for the collector's ack
+
+
+# --- the collector's ack and the resend clock, white-box (the publisher is not started) ---------
+
+
+@pytest.fixture
+def idle(tmp_path: Path) -> Iterator[tuple[Publisher, Outbox, Alarms]]:
+    """A collector-mode publisher that is never started, over an outbox holding seqs 1..5 of
+    which 1..5 count as sent: acks and resend decisions are fed to it directly."""
+    outbox = Outbox(tmp_path / "o.db", max_events=100)
+    for _ in range(5):
+        outbox.append(event)
+    alarms = Alarms()
+    config = publisher_config(LocalBroker(tmp_path / "never-started"), tmp_path, delivery="collector")
+    pub = Publisher(config, outbox, status=lambda: {}, on_alarm=alarms, ack_timeout_s=30.0)
+    pub._highest_sent = 5
+    pub._cursor = 5
+    try:
+        yield pub, outbox, alarms
+    finally:
+        outbox.close()
+
+
+def left(outbox: Outbox) -> list[int]:
+    return [seq for seq, _ in outbox.pending()]
+
+
+def stalled(pub: Publisher, seconds: float) -> None:
+    """As if the last ack (or resend) was ``seconds`` ago."""
+    pub._last_ack_progress = time.monotonic() - seconds
+
+
+def test_an_ack_removes_exactly_what_it_names(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    pub, outbox, _ = idle
+    pub._on_ack(ack(0, [[0, 1]]).encode())  # a range from 0: seqs start at 1
+    assert left(outbox) == [2, 3, 4, 5]
+    pub._on_ack(ack(2).encode())
+    assert left(outbox) == [3, 4, 5]
+    pub._on_ack(ack(0, [[3, 3], [5, 5]]).encode())
+    assert left(outbox) == [4]
+
+
+def test_only_an_ack_that_removed_rows_counts_as_progress(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    # Acks that name nothing new (a repeat, upto 0) must not hold back the resend of rows the
+    # collector still lacks; one that removed rows restarts both resend clocks.
+    pub, outbox, _ = idle
+    pub._resend_after_s, pub._unheard_resend_s = 240.0, 16.0
+    stalled(pub, 100)
+    pub._on_ack(ack(0).encode())
+    pub._on_ack(ack(0, [[9, 9]]).encode())  # beyond what was sent: nothing to remove
+    assert time.monotonic() - pub._last_ack_progress >= 100
+    assert (pub._resend_after_s, pub._unheard_resend_s) == (240.0, 16.0)
+    # Rows 1 and 2 by upto, 3 by a range, and a last range naming what is already gone.
+    pub._on_ack(ack(2, [[3, 3], [1, 1]]).encode())
+    assert time.monotonic() - pub._last_ack_progress < 10
+    assert (pub._resend_after_s, pub._unheard_resend_s) == (30.0, 2.0)
+    assert left(outbox) == [4, 5]
+
+
+@pytest.mark.parametrize(
+    ("upto", "ranges", "warned"),
+    [(5, [], False), (0, [[4, 5]], False), (6, [], True), (2, [[4, 6]], True), (9, [[1, 2]], True)],
+)
+def test_an_ack_beyond_what_was_sent_is_logged(
+    idle: tuple[Publisher, Outbox, Alarms], caplog: pytest.LogCaptureFixture, upto, ranges, warned
+) -> None:
+    pub, _, _ = idle
+    with caplog.at_level("WARNING", logger="scanner.gate.publisher"):
+        pub._on_ack(ack(upto, ranges).encode())
+    assert ("this gate has sent only up to 5" in caplog.text) is warned, caplog.text
+
+
+def test_an_ack_the_outbox_cannot_act_on_raises_the_outbox_alarm(
+    idle: tuple[Publisher, Outbox, Alarms],
+) -> None:
+    pub, outbox, alarms = idle
+    outbox.close()
+    pub._on_ack(ack(2).encode())
+    assert alarms.raised == [("outbox_error", "closed")]
+
+
+def test_one_unacked_row_is_sent_again_when_acks_stall(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    pub, outbox, _ = idle
+    outbox.remove_upto(4)  # the collector has 1..4; 5 was sent last and is the only one waiting
+    stalled(pub, 29)
+    assert pub._collector_may_send() and pub._cursor == 5  # not yet
+    stalled(pub, 31)
+    assert pub._collector_may_send() and pub._cursor == 4  # from seq 5 again
+    assert pub._resend_after_s == 60.0  # the collector stays silent: the next wait doubles
+
+
+def test_a_resend_for_check_ins_nobody_heard_comes_soon_and_once(
+    idle: tuple[Publisher, Outbox, Alarms],
+) -> None:
+    # The broker said "no subscriber" for some: resend after 2 s, not 30; then that shortcut is
+    # spent, and its own wait doubles for the next time it is needed.
+    pub, _, _ = idle
+    pub._dropped_unheard = True
+    stalled(pub, 2.5)
+    assert pub._collector_may_send() and pub._cursor == 0
+    assert pub._unheard_resend_s == 4.0 and pub._resend_after_s == 30.0
+    pub._cursor = 5
+    stalled(pub, 5)  # past 4 s, short of 30 s: only another "no subscriber" would resend now
+    assert pub._collector_may_send() and pub._cursor == 5
+    pub._dropped_unheard = True
+    assert pub._collector_may_send() and pub._cursor == 0
+    assert pub._unheard_resend_s == 8.0
+
+
+def test_rows_the_outbox_cannot_remove_raise_the_outbox_alarm(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    pub, outbox, alarms = idle
+    outbox.close()
+    pub._remove([1, 2])  # PUBACKed in broker mode: the rows stay (a duplicate later, not a loss)
+    assert alarms.raised == [("outbox_error", "closed")]
+
+
+def test_a_check_in_that_can_never_be_published_is_an_alarm(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    # Over MQTT's 256 MiB limit: paho refuses it outright. Operators must hear of it.
+    pub, _, alarms = idle
+    pub._publish_row(7, bytes(268_435_456))
+    assert alarms.raised == [("publish_failed", "seq 7 cannot be published: Payload too large.")]
+    assert pub._inflight == {}
+
+
+def test_a_gate_runs_at_most_unacked_max_events_ahead_of_the_collector(
+    idle: tuple[Publisher, Outbox, Alarms], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scanner.gate import publisher
+
+    pub, _, _ = idle
+    monkeypatch.setattr(publisher, "UNACKED_MAX", 5)  # five rows (1..5) stand for 5000
+    stalled(pub, 0)
+    pub._cursor = 4  # 1..4 sent, none acked: one more may go
+    assert pub._collector_may_send()
+    pub._cursor = 5  # 1..5 sent: the window is full until the collector acks
+    stalled(pub, 0)
+    assert not pub._collector_may_send()
+
+
+def test_check_ins_are_never_retained(broker: LocalBroker, gate: Any, subscribe: Any) -> None:
+    # A retained check-in would be handed to every later subscriber as if it had just happened.
+    pub, outbox, config = gate(broker)
+    live = subscribe(config.topic("checkin"))
+    assert pub.wait_connected(5)
+    outbox.append(event)
+    pub.wake()
+    assert live.wait_for(lambda msgs: len(msgs) == 1)
+    assert pub.wait_drained(5)
+    # One SUBSCRIBE for both: the broker hands over retained messages filter by filter, so once
+    # the (retained) status is here, a retained check-in would have come before it.
+    late = subscribe(config.topic("checkin"), config.topic("status"))
+    assert late.wait_for(lambda msgs: any(m.topic == config.topic("status") for m in msgs))
+    assert late.payloads(config.topic("checkin")) == []
+
+
+def test_refused_check_ins_back_off_doubling_to_a_minute_and_start_over_after_a_success(
+    idle: tuple[Publisher, Outbox, Alarms],
+) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    pub, _, alarms = idle
+    refused = ReasonCode(PacketTypes.PUBACK, "Not authorized")
+    holds = []
+    for mid in range(1, 9):
+        pub._inflight[mid] = mid
+        pub._hold_until = 0.0  # the previous hold is over: this refusal starts the next one
+        pub._on_puback(mid, refused, [])
+        holds.append(round(pub._hold_until - time.monotonic()))
+    assert holds == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert pub._refused == set(range(1, 9))  # kept for a retry, never removed
+    assert {kind for kind, _ in alarms.raised} == {"publish_refused"}
+    pub._inflight[9] = 9
+    pub._on_puback(9, ReasonCode(PacketTypes.PUBACK, "Success"), [])
+    assert pub._backoff == 1.0
+
+
+def test_an_unheard_check_in_raises_no_subscribers_once(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    pub, _, alarms = idle
+    unheard = ReasonCode(PacketTypes.PUBACK, "No matching subscribers")
+    for mid in (1, 2, 3):
+        pub._inflight[mid] = mid
+        pub._on_puback(mid, unheard, [])
+    where, topic = pub._where, pub._t_checkin
+    assert alarms.raised == [
+        ("no_subscribers", f"broker {where}: no subscriber for {topic}, check-ins dropped there")
+    ]
+
+
+def test_pubacks_for_what_is_not_a_check_in_are_ignored(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    pub, _, alarms = idle
+    ok = ReasonCode(PacketTypes.PUBACK, "Success")
+    removable: list[int] = []
+    pub._on_puback(42, ok, removable)  # status, availability, a reply: no row behind it
+    pub._offline_mid = 7
+    pub._on_puback(7, ok, removable)  # the stop's "offline": the stop waits for exactly this
+    assert pub._offline_mid is None and removable == [] and alarms.raised == []

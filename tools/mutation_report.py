@@ -1,0 +1,70 @@
+"""Per-module figures of the last ``tools/mutation.sh`` run, checked against docs/mutation.md.
+
+Reads mutmut's results (``mutants/**/*.meta``) for the mutants the run selected and the table
+of equivalent mutants in docs/mutation.md. Prints one JSON object per module and a total, then
+every surviving mutant that the table does not explain (with its diff), and every table row
+that no longer names a surviving mutant (the code changed: judge it again). Exit 1 if either
+list is not empty, so a run is clean only when every survivor is explained.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "mutation.md"
+# Table rows of docs/mutation.md that name an equivalent mutant: | `name` | why |
+EQUIVALENT_ROW = re.compile(r"^\|\s*`(scanner\.[^`]+__mutmut_\d+)`\s*\|")
+# mutmut's exit codes (mutmut/stats.py); a timeout is a mutant the tests caught by hanging.
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 36: "timeout"}
+STATUS.update({-24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout"})
+
+
+def module_of(name: str) -> str:
+    return name.split(".x", 1)[0] if ".xǁ" in name or ".x_" in name else name.rsplit(".", 1)[0]
+
+
+def main(argv: list[str]) -> int:
+    patterns = argv or ["*"]
+    equivalent = {m.group(1) for line in DOC.read_text().splitlines() if (m := EQUIVALENT_ROW.match(line))}
+    results: dict[str, str] = {}
+    for meta in sorted((ROOT / "mutants").rglob("*.meta")):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                results[name] = STATUS.get(code, "not checked" if code is None else f"exit {code}")
+    if not results:
+        print("no results under mutants/: run tools/mutation.sh first", file=sys.stderr)
+        return 2
+    per_module: dict[str, Counter[str]] = {}
+    for name, status in results.items():
+        counts = per_module.setdefault(module_of(name), Counter())
+        counts["generated"] += 1
+        if status == "survived" and name in equivalent:
+            status = "equivalent"
+        counts[status] += 1
+    total: Counter[str] = Counter()
+    for module, counts in sorted(per_module.items()):
+        total.update(counts)
+        print(json.dumps({"module": module, **dict(sorted(counts.items()))}))
+    print(json.dumps({"module": "total", **dict(sorted(total.items()))}))
+    caught = ("killed", "timeout")
+    unexplained = sorted(n for n, s in results.items() if s not in caught and n not in equivalent)
+    stale = sorted(n for n in equivalent if n in results and results[n] != "survived")
+    for name in unexplained:
+        print(f"\n# not killed and not explained in docs/mutation.md: {name} ({results[name]})")
+        show = [sys.executable, "-m", "mutmut", "show", name]
+        diff = subprocess.run(show, cwd=ROOT, capture_output=True, text=True, check=False)
+        print(diff.stdout.strip() or diff.stderr.strip())
+    for name in stale:
+        print(f"\n# listed as equivalent in docs/mutation.md but {results[name]} now: {name}")
+    return 1 if unexplained or stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
