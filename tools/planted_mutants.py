@@ -1,5 +1,6 @@
-"""Plant the safety bugs listed in docs/mutation.md (and those of the assertions mended with them), one at a time, in a scratch
-copy of the repository, and check that the tests named with each now fail.
+"""Plant the safety bugs listed in docs/mutation.md (and those of the assertions mended with
+them), one at a time, in a scratch copy of the repository, and check that the tests named with
+each now fail.
 
 mutmut (tools/mutation.sh) only makes small edits inside expressions; these are the bigger
 ones a review planted by hand (a call removed, a log line added), kept here so that anyone

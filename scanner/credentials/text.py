@@ -13,6 +13,12 @@ def invisible(char: str) -> bool:
     return unicodedata.category(char) in ("Cf", "Cc") or char in INVISIBLE_LETTERS or char.isspace()
 
 
+def blank(char: str) -> bool:
+    # Other control characters are not padding: a payload that carries one is of no format of
+    # ours, and trimming it away would let "\x16EMP-0001" pass as the badge "EMP-0001".
+    return invisible(char) and (unicodedata.category(char) != "Cc" or char in "\t\r\n\x00")
+
+
 def trim(payload: bytes) -> bytes:
     """The payload without what surrounds a code and belongs to no format, stripped the same
     way before any format is recognised.
@@ -28,8 +34,8 @@ def trim(payload: bytes) -> bytes:
     except UnicodeDecodeError:
         return payload.strip(b" \t\r\n\x00")  # not text: no format of ours, the plain parser says so
     start, end = 0, len(text)
-    while start < end and invisible(text[start]):
+    while start < end and blank(text[start]):
         start += 1
-    while end > start and invisible(text[end - 1]):
+    while end > start and blank(text[end - 1]):
         end -= 1
     return text[start:end].encode("utf-8") if (start, end) != (0, len(text)) else payload

@@ -413,14 +413,16 @@ def test_first_boot_installs_the_technicians_ssh_keys(tmp_path: Path) -> None:
 
 
 def test_the_data_partition_goes_after_the_root_not_before_the_boot_partition(tmp_path: Path) -> None:
-    if shutil.which("sfdisk") is None:
+    # /usr/sbin is not on a Debian user's PATH, and sfdisk lives there.
+    sfdisk = shutil.which("sfdisk") or shutil.which("sfdisk", path="/usr/sbin:/sbin")
+    if sfdisk is None:
         pytest.skip("sfdisk is not installed")
     # The layout of both images: 4 MiB free before the boot partition, then boot and root.
     card = tmp_path / "card.img"
     with card.open("wb") as f:
         f.truncate(64 * 2**20)
     layout = "label: dos\nstart=8192, size=16384, type=c\nstart=24576, size=32768, type=83\n"
-    subprocess.run(["sfdisk", "--quiet", str(card)], input=layout, text=True, check=True)
+    subprocess.run([sfdisk, "--quiet", str(card)], input=layout, text=True, check=True)
     env = {**os.environ, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     result = subprocess.run(
         ["bash", str(FILES / "gate-scanner-datapart.sh"), "--dry-run", str(card)],

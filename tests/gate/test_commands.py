@@ -141,8 +141,14 @@ OK_KID = OPERATOR_KID.hex()
         (b"[1]", "open", "malformed", "expected a JSON object"),
         (b"\xff", "open", "malformed", "not UTF-8 JSON: "),
         (
-            b" " * (commands.MAX_PAYLOAD + 1),
+            b" " * (commands.MAX_SMALL_PAYLOAD + 1),
             "open",
+            "malformed",
+            f"payload over {commands.MAX_SMALL_PAYLOAD} bytes",
+        ),
+        (
+            b" " * (commands.MAX_PAYLOAD + 1),
+            "lists",
             "malformed",
             f"payload over {commands.MAX_PAYLOAD} bytes",
         ),
@@ -189,7 +195,8 @@ OK_KID = OPERATOR_KID.hex()
             "malformed",
             "kid must be hex and sig base64",
         ),
-        (b" " * commands.MAX_PAYLOAD, "open", "unsigned", "open must be signed by an operator key"),
+        (b" " * commands.MAX_SMALL_PAYLOAD, "open", "unsigned", "open must be signed by an operator key"),
+        (b" " * commands.MAX_PAYLOAD, "lists", "unsigned", "lists must be signed by an operator key"),
         (
             {**GOOD, "kid": "00112233"},
             "open",
@@ -220,7 +227,12 @@ OK_KID = OPERATOR_KID.hex()
             "stale",
             "ts is -75 s from the gate's clock (limit 60 s)",
         ),
-        (GOOD, "explode", "unknown_command", "no command 'explode'; known: lists, open, reload, selftest"),
+        (
+            GOOD,
+            "explode",
+            "unknown_command",
+            "no command 'explode'; known: lists, occupancy, open, reload, selftest",
+        ),
         (b"{not json", "selftest", "malformed", "not UTF-8 JSON: "),
     ],
     # Short ids of plain words: mutmut passes each test's id on pytest's command line.

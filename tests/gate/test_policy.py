@@ -48,6 +48,9 @@ def check(credential: Credential, *, trust=EMPTY, rules=RULES, since=None) -> Re
         (b"line\nbreak", Reason.UNKNOWN_FORMAT),
         (b"EMP-0001\r\n", Reason.OK),  # a line ending some generators add is not part of it
         (b"\xef\xbb\xbfEMP-0001", Reason.OK),
+        (b"\tEMP-0001 \x00", Reason.OK),
+        (b"\x16EMP-0001", Reason.UNKNOWN_FORMAT),  # a control character is no padding
+        (b"EMP-0001\x1d", Reason.UNKNOWN_FORMAT),
         (b"\xef\xbb\xbfHC1:NCFOXN%TS3DH\n", Reason.MALFORMED),  # still a DCC, never plain
         (b"A" * 257, Reason.MALFORMED),
         (b"HC1:NCFOXN%TS3DH", Reason.MALFORMED),  # always judged as a DCC, never as a plain code
@@ -65,7 +68,7 @@ def expected_for_random(payload: bytes) -> Reason:
     an ID card (a number, then ``|`` and more fields) is judged as one, and random bytes make a
     malformed card; plain text up to 256 bytes is a code (with no lists, let in); longer text
     is malformed; anything else (binary, empty, control characters) is of unknown format."""
-    payload = payload.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n\x00")
+    payload = payload.removeprefix(b"\xef\xbb\xbf").strip(b" \t\r\n\x00")
     if re.match(rb"[ \t]*(?:[0-9]{12}[ \t]*\||[0-9]+[ \t]*\|(?:[^|]*\|){4})", payload):
         return Reason.MALFORMED
     try:
