@@ -235,6 +235,29 @@ class _Base:
     def _sql(self, sql: str) -> str:
         return sql if self._ph == "?" else sql.replace("?", self._ph)
 
+    # --- reading check-ins ---------------------------------------------------------------------
+
+    def rejected(self) -> list[RejectedEvent]:
+        return _rejected_events(self._query(_SELECT_REJECTED, ()))
+
+    def islands(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
+        return _with_floors(_group_islands(self._query(_ISLANDS, ())), self._query(_FLOORS, ()))
+
+    def seqs_between(self, site: str, device: str, lo: int, hi: int) -> list[int]:
+        sql = "SELECT seq FROM checkins WHERE site = ? AND device = ? AND seq BETWEEN ? AND ? ORDER BY seq"
+        rows = self._query(self._sql(sql), (site, device, lo, hi))
+        return [int(r[0]) for r in rows]
+
+    def islands_between(self, site: str, device: str, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Runs of consecutive handled (stored, dead-lettered or expired) seqs of a device in [lo, hi]."""
+        rows = self._query(self._sql(_ISLANDS_BETWEEN), (site, device, lo, hi) * 2)
+        floor_sql = "SELECT upto FROM seq_floor WHERE site = ? AND device = ?"
+        floor = self._query(self._sql(floor_sql), (site, device))
+        return _floor_run(floor, lo, hi) + [(int(a), int(b)) for a, b in rows]
+
+    def count(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM checkins", ())[0][0])
+
     # --- stays: upkeep -------------------------------------------------------------------------
 
     def _after_insert(self, events: Sequence[StoredEvent]) -> None:
@@ -609,30 +632,6 @@ class SqliteStore(_Base):
             "ON CONFLICT (site, device) DO UPDATE SET upto = MAX(upto, excluded.upto)",
             [(site, device, upto) for (site, device), upto in _floors(seqs).items()],
         )
-
-    # --- reading ---------------------------------------------------------------------------------
-
-    def rejected(self) -> list[RejectedEvent]:
-        return _rejected_events(self._query(_SELECT_REJECTED, ()))
-
-    def islands(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
-        return _with_floors(_group_islands(self._query(_ISLANDS, ())), self._query(_FLOORS, ()))
-
-    def seqs_between(self, site: str, device: str, lo: int, hi: int) -> list[int]:
-        rows = self._query(
-            "SELECT seq FROM checkins WHERE site = ? AND device = ? AND seq BETWEEN ? AND ? ORDER BY seq",
-            (site, device, lo, hi),
-        )
-        return [int(r[0]) for r in rows]
-
-    def islands_between(self, site: str, device: str, lo: int, hi: int) -> list[tuple[int, int]]:
-        """Runs of consecutive handled (stored, dead-lettered or expired) seqs of a device in [lo, hi]."""
-        rows = self._query(_ISLANDS_BETWEEN, (site, device, lo, hi) * 2)
-        floor = self._query("SELECT upto FROM seq_floor WHERE site = ? AND device = ?", (site, device))
-        return _floor_run(floor, lo, hi) + [(int(a), int(b)) for a, b in rows]
-
-    def count(self) -> int:
-        return int(self._query("SELECT COUNT(*) FROM checkins", ())[0][0])
 
     def close(self) -> None:
         self._conn.close()
@@ -1054,29 +1053,6 @@ class PostgresStore(_Base):
             f"INSERT INTO seq_floor (site, device, upto) {select} "
             "ON CONFLICT (site, device) DO UPDATE SET upto = GREATEST(seq_floor.upto, excluded.upto)"
         )
-
-    # --- reading ---------------------------------------------------------------------------------
-
-    def rejected(self) -> list[RejectedEvent]:
-        return _rejected_events(self._query(_SELECT_REJECTED, ()))
-
-    def islands(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
-        return _with_floors(_group_islands(self._query(_ISLANDS, ())), self._query(_FLOORS, ()))
-
-    def seqs_between(self, site: str, device: str, lo: int, hi: int) -> list[int]:
-        rows = self._query(
-            "SELECT seq FROM checkins WHERE site = %s AND device = %s AND seq BETWEEN %s AND %s ORDER BY seq",
-            (site, device, lo, hi),
-        )
-        return [int(r[0]) for r in rows]
-
-    def islands_between(self, site: str, device: str, lo: int, hi: int) -> list[tuple[int, int]]:
-        rows = self._query(_ISLANDS_BETWEEN.replace("?", "%s"), (site, device, lo, hi) * 2)
-        floor = self._query("SELECT upto FROM seq_floor WHERE site = %s AND device = %s", (site, device))
-        return _floor_run(floor, lo, hi) + [(int(a), int(b)) for a, b in rows]
-
-    def count(self) -> int:
-        return int(self._query("SELECT COUNT(*) FROM checkins", ())[0][0])
 
     def close(self) -> None:
         self._conn.close()
