@@ -188,7 +188,10 @@ class Subscriber:
                 f"type={cred['type']} subject={cred.get('subject', '-')} ts={event['ts']}"
             )
         elif leaf == "status":
-            self._on_line(f"subscriber ← status (retained) camera={json.loads(text).get('camera')}")
+            status = json.loads(text)
+            view = status.get("occupancy") or {}
+            seen = f" sees {view.get('inside')} inside of {view.get('capacity')}" if view else ""
+            self._on_line(f"subscriber ← status (retained) camera={status.get('camera')}{seen}")
         elif leaf == "occupancy" and text:
             c = json.loads(text)
             figures = (c["day"], c["entries"] - c["exits"] + c["adjust"])
@@ -255,7 +258,7 @@ def _demo(root: Path) -> int:
             # The visitor comes a few seconds after the start: a gate that has just started decides
             # on the counts it last stored until the broker's counters reach it (milliseconds; a
             # loaded machine can take seconds to connect a starting daemon, hence the lead).
-            render_frames(root / "frames", RETRY_SCENES, fps=10.0, lead_s=5.0)
+            render_frames(root / "frames", RETRY_SCENES, fps=10.0, lead_s=8.0)
             say(f"demo: the entry gate {DEVICE} starts again, its counts kept; the visitor tries again")
             codes.append(_run(entry, say))
             received = _wait_for(lambda: len(subscriber.checkins) >= total, 10)
