@@ -61,7 +61,7 @@ def test_uuid7_is_version_7_unique_and_time_ordered():
 
 
 def test_key_is_created_0600_once(tmp_path):
-    path = tmp_path / "state" / "subject.key"
+    path = tmp_path / "var" / "state" / "subject.key"  # two levels that do not exist yet
     key = events.load_or_create_key(path)
     assert len(key) == 32
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -70,3 +70,12 @@ def test_key_is_created_0600_once(tmp_path):
     path.write_bytes(b"short")
     with pytest.raises(ValueError, match="at least 16"):
         events.load_or_create_key(path)
+
+
+def test_pseudonyms_are_pinned_to_their_derivation():
+    # Lists and the collector hold pseudonyms made elsewhere (pki, passes, other gates of the
+    # fleet): the derivation HMAC-SHA256(key, type NUL identity)[:16] can never change silently.
+    p = events.Pseudonymizer(bytes(range(32)))
+    assert p.subject("plain", b"EMP-0001") == "16ce50881bba287404291281fcda83fd"
+    assert p.subject("cccd", b"079190001234") == "42f4324948037d5c14245312a272cc8a"
+    assert p.subject("plain", b"") is None

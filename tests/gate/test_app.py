@@ -154,6 +154,7 @@ def test_outbox_full_fails_secure_reject_fault_alarm_and_recovers(tmp_path):
             assert not outcome.decision.accepted and outcome.seq is None
             assert outcome.decision.reason == Reason.DEVICE_FAULT
             assert signals.faulty and "outbox" in gate._alarms.snapshot()
+            assert gate._alarms.snapshot()["outbox"].startswith("cannot record check-ins: ")  # and why
             # The whole reject pattern (three beeps) plays out: a pulse asked for by the failed
             # scan would have started long before, and would have ended before the next scan,
             # so it cannot hide inside the recorded scan's pulse below.

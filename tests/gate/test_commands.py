@@ -435,18 +435,37 @@ def test_the_replay_file_keeps_only_nonces_the_floor_does_not_refuse(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "damage",
+    ("damage", "why"),
     [
-        b"{not json",
-        b"\xff\xfe",
-        b'{"schema": "gate-scanner/cmd-replay/1"}',
-        b'{"schema": "gate-scanner/cmd-replay/1", "floor": null, "highest": 7, "nonces": {}}',
-        b'{"schema":"gate-scanner/cmd-replay/1","floor":null,"highest":"0001-01-01T00:00:00+00:00","nonces":{}}',
-        None,  # cannot be read at all
+        (b"{not json", "corrupt: Expecting property name"),
+        (b"\xff\xfe", "corrupt: 'utf-8' codec"),
+        (b"[1]", "corrupt: schema is not 'gate-scanner/cmd-replay/1'"),
+        (
+            b'{"schema": "gate-scanner/cmd-replay/2", "floor": null, "highest": null, "nonces": {}}',
+            "corrupt: schema",
+        ),
+        (b'{"schema": "gate-scanner/cmd-replay/1"}', "corrupt: 'floor'"),
+        (
+            b'{"schema": "gate-scanner/cmd-replay/1", "floor": null, "highest": null, "nonces": []}',
+            "corrupt: nonces must map hex nonces to times",
+        ),
+        (
+            b'{"schema": "gate-scanner/cmd-replay/1", "floor": null, "highest": null, "nonces": {"XY": ""}}',
+            "corrupt: nonces must map hex nonces to times",
+        ),
+        (
+            b'{"schema": "gate-scanner/cmd-replay/1", "floor": null, "highest": 7, "nonces": {}}',
+            "corrupt: times must be strings",
+        ),
+        (
+            b'{"schema":"gate-scanner/cmd-replay/1","floor":null,"highest":"0001-01-01T00:00:00+00:00","nonces":{}}',
+            "corrupt: ",
+        ),
+        (None, "cannot read it: [Errno 13] Permission denied"),
     ],
 )
 def test_a_damaged_replay_file_refuses_what_it_may_have_held_but_not_forever(
-    tmp_path, monkeypatch, caplog, damage
+    tmp_path, monkeypatch, caplog, damage, why
 ):
     cfg = unit_config(tmp_path)
     keys = commands.load_operator_keys(cfg.commands.operator_keys_file)
@@ -466,6 +485,7 @@ def test_a_damaged_replay_file_refuses_what_it_may_have_held_but_not_forever(
         v = Verifier(cfg, keys, started=NOW - timedelta(seconds=30))
     monkeypatch.undo()
     assert commands.REPLAY_FILE in caplog.text
+    assert f" is {why}" in caplog.text, caplog.text  # the operator reads why commands are refused
     # Anything run up to the last write was within max_age of the clock then: all refused...
     late = NOW + timedelta(seconds=60)
     with pytest.raises(Refused) as refusal:
@@ -480,6 +500,17 @@ def test_a_damaged_replay_file_refuses_what_it_may_have_held_but_not_forever(
     with pytest.raises(Refused) as refusal:
         v.verify(inbound(signed("open", "gate-u", now=late)), late)
     assert refusal.value.reason == "replayed"
+
+
+def test_a_replay_file_with_no_floor_yet_loads_without_a_warning(tmp_path, caplog):
+    state = tmp_path / commands.REPLAY_FILE
+    state.write_text(
+        json.dumps({"schema": commands.REPLAY_SCHEMA, "floor": None, "highest": None, "nonces": {}})
+    )
+    with caplog.at_level("WARNING", logger="scanner.gate.commands"):
+        guard = commands.ReplayGuard(state, 60.0, now=NOW)
+    assert not caplog.records
+    assert (guard.floor, guard.highest, guard.nonces) == (None, None, {})
 
 
 def _full_after(room: int) -> Callable[[Callable[[int, Any], int]], Callable[[int, Any], int]]:

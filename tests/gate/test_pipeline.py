@@ -7,11 +7,13 @@ these pin down what each committed event says.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gpiozero.pins.mock import MockFactory
 
@@ -20,7 +22,7 @@ from scanner.gate.decode import Decoder
 from scanner.gate.outbox import Outbox
 from scanner.gate.pipeline import Alarms, Gate
 from scanner.gate.signals import Signals
-from scanner.models import Reason
+from scanner.models import Frame, Reason
 from tests.helpers import make_config
 
 # Far from the machine's clock: an event that took its time from anywhere else shows it.
@@ -102,3 +104,82 @@ def test_every_decision_is_counted_by_its_reason(gate: tuple[Gate, Outbox, HeldC
     assert dict(g.reasons) == {Reason.OK: 4, Reason.ANTI_PASSBACK: 1, Reason.UNKNOWN_FORMAT: 1}
     assert [e["seq"] for e in committed(outbox)] == [1, 2, 3, 4, 5, 6]
     assert committed(outbox)[1]["credential"] == {"type": "operator"}  # no key id: no issuer
+
+
+class SlowDecoder:
+    """Takes a known time per frame and finds nothing."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def decode(self, image: object) -> list[object]:
+        time.sleep(self.seconds)
+        return []
+
+
+def test_each_frame_is_counted_and_its_decode_time_kept_in_ms(gate: tuple[Gate, Outbox, HeldClock]) -> None:
+    # health's fps and decode_ms come from these: a wrong unit or count misleads the operator.
+    g, _outbox, _clock = gate
+    g._decoder = SlowDecoder(0.02)  # type: ignore[assignment]
+    image = np.zeros((48, 64), np.uint8)
+    for seq in range(3):
+        assert g.process(Frame(image, seq, time.monotonic())) == []
+    assert g.frames == 3
+    assert len(g.decode_ms) == 3 and all(20.0 <= ms < 1000.0 for ms in g.decode_ms), g.decode_ms
+
+
+def test_anti_passback_holds_for_a_window_of_a_second(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, policy={"anti_passback_s": 1.0})
+    (tmp_path / "state").mkdir()
+    outbox = Outbox(tmp_path / "state" / "outbox.db", 100)
+    factory = MockFactory()
+    clock = HeldClock(SCANNED)
+    try:
+        with Signals(cfg.gpio, pin_factory=factory) as signals:
+            g = Gate(
+                cfg,
+                decoder=Decoder(("zxing",)),
+                outbox=outbox,
+                signals=signals,
+                pseudonymizer=events.Pseudonymizer(b"k" * 32),
+                clock=clock,
+                alarms=Alarms(),
+                clock_synced=lambda: True,
+            )
+            assert g._scan(b"EMP-0001").decision.reason == Reason.OK
+            clock.mono += 0.5
+            assert g._scan(b"EMP-0001").decision.reason == Reason.ANTI_PASSBACK
+            clock.mono += 0.6
+            assert g._scan(b"EMP-0001").decision.reason == Reason.OK
+    finally:
+        outbox.close()
+        factory.close()
+
+
+def test_a_busy_day_forgets_only_accepts_past_the_window(gate: tuple[Gate, Outbox, HeldClock]) -> None:
+    # Past 4,096 remembered accepts the memory is pruned: what is older than the window goes,
+    # a badge accepted a moment ago must still be refused.
+    g, _outbox, clock = gate
+    for n in range(4096):
+        assert g._remember_accept(f"OLD-{n}".encode(), clock.mono)
+    clock.mono += 61.0  # the old ones are past policy.anti_passback_s
+    assert g._scan(b"EMP-0001").decision.reason == Reason.OK  # the 4,097th: pruning runs
+    assert len(g._last_accept) == 1
+    clock.mono += 1.0
+    assert g._scan(b"EMP-0001").decision.reason == Reason.ANTI_PASSBACK
+
+
+def test_the_outbox_recovering_keeps_the_fault_pattern_while_the_camera_is_still_down(
+    gate: tuple[Gate, Outbox, HeldClock],
+) -> None:
+    g, _outbox, _clock = gate
+    g._alarms.raise_("camera", "no frames for 5 s")
+    g._alarms.raise_("outbox", "cannot record check-ins: disk full")
+    g._signals.set_fault(True)
+    g._scan(b"EMP-0001")  # recorded: the outbox works again
+    assert "outbox" not in g._alarms.snapshot()
+    assert g._signals.faulty  # one cause cleared, the other still shows
+    g._alarms.clear("camera")
+    g._alarms.raise_("outbox", "cannot record check-ins: disk full")
+    g._scan(b"EMP-0002")
+    assert not g._signals.faulty  # and with the last cause gone, the pattern goes
