@@ -592,3 +592,70 @@ def test_make_pin_factory_auto_picks_first_that_works(
         assert "gpio pin factory: rpigpio (auto)" in caplog.text
     finally:
         made.close()
+
+
+# --- the door's edges: passage seen, fire release ----------------------------------------------
+
+
+def test_a_passage_drops_the_relay_and_green_at_once_and_only_once(factory: RecordingFactory) -> None:
+    with FastSignals(gpio(relay_pulse_s=2.0), pin_factory=factory) as signals:
+        signals.accepted()
+        assert factory.wait_until(lambda: factory.states(RELAY) == [False, True])
+        signals.passage_seen()
+        assert factory.states(RELAY) == [False, True, False]  # now, not at the end of the pulse
+        assert factory.states(GREEN)[-1] is False
+        signals.passage_seen()  # a second person through the same opening changes nothing
+        time.sleep(0.1)
+        assert factory.states(RELAY) == [False, True, False]
+        signals.accepted()  # the next accept opens again
+        assert factory.wait_until(lambda: factory.states(RELAY) == [False, True, False, True])
+
+
+def test_a_passage_with_the_relay_off_writes_nothing(factory: RecordingFactory) -> None:
+    with FastSignals(gpio(), pin_factory=factory) as signals:
+        signals.passage_seen()
+        time.sleep(0.1)
+        assert factory.states(RELAY) == [False]
+
+
+def test_fire_holds_the_relay_flashes_both_leds_and_clears(factory: RecordingFactory) -> None:
+    with FastSignals(gpio(relay_max_on_s=1.0), pin_factory=factory) as signals:
+        signals.set_fire(True)
+        assert factory.states(RELAY) == [False, True]
+        signals.set_fire(True)  # the same state again: no new write
+        signals.passage_seen()  # people leaving through the released door never drop it
+        assert factory.wait_until(lambda: len(factory.states(GREEN)) >= 4 and len(factory.states(RED)) >= 4)
+        # Both LEDs flash with the fire pattern (delays since the previous change), together.
+        assert_timing(factory.pin(GREEN), [(0.0, False), (0.0, True), (0.25, False), (0.25, True)])
+        assert_timing(factory.pin(RED), [(0.0, False), (0.0, True), (0.25, False), (0.25, True)])
+        time.sleep(1.2)  # past relay_max_on_s: the hold yields to no ceiling
+        assert factory.states(RELAY) == [False, True] and signals.guard_trips == 0
+        signals.set_fire(False)
+        assert factory.states(RELAY) == [False, True, False]
+        signals.set_fire(True)  # a second alarm holds it again
+        assert factory.states(RELAY) == [False, True, False, True]
+
+
+def test_fire_ending_during_an_accept_keeps_the_door_open_for_the_rest_of_its_pulse(
+    factory: RecordingFactory,
+) -> None:
+    with FastSignals(gpio(relay_pulse_s=0.6, relay_max_on_s=5.0), pin_factory=factory) as signals:
+        signals.set_fire(True)
+        signals.accepted()
+        signals.set_fire(False)
+        relay = factory.pin(RELAY)
+        assert relay.state  # still energised: the accept wants the door
+        ended = time.monotonic()
+        assert factory.wait_until(lambda: not relay.state)
+        assert time.monotonic() - ended >= 0.4  # the pulse ran on, then dropped by itself
+
+
+def test_relay_off_ends_a_fire_hold_and_a_later_alarm_holds_again(factory: RecordingFactory) -> None:
+    with FastSignals(gpio(), pin_factory=factory) as signals:
+        signals.set_fire(True)
+        signals.relay_off()
+        assert factory.states(RELAY) == [False, True, False]
+        time.sleep(0.1)
+        assert factory.states(RELAY) == [False, True, False]  # nothing energises it again
+        signals.set_fire(True)
+        assert factory.states(RELAY) == [False, True, False, True]
