@@ -659,3 +659,11 @@ def test_relay_off_ends_a_fire_hold_and_a_later_alarm_holds_again(factory: Recor
         assert factory.states(RELAY) == [False, True, False]  # nothing energises it again
         signals.set_fire(True)
         assert factory.states(RELAY) == [False, True, False, True]
+
+
+def test_at_start_no_led_lights_and_the_buzzer_is_silent(factory: RecordingFactory) -> None:
+    with FastSignals(gpio(), pin_factory=factory) as signals:
+        time.sleep(0.05)
+        for pin in (GREEN, RED, BUZZER, RELAY):
+            assert factory.states(pin) == [False], pin  # never on, not even for a moment
+        assert not signals.faulty
