@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -41,9 +42,9 @@ class HeldClock:
         return self.mono
 
 
-@pytest.fixture
-def gate(tmp_path: Path) -> Iterator[tuple[Gate, Outbox, HeldClock]]:
-    cfg = make_config(tmp_path, gpio={"relay_pulse_s": 0.2}, policy={"anti_passback_s": 60.0})
+@contextmanager
+def built_gate(tmp_path: Path, anti_passback_s: float) -> Iterator[tuple[Gate, Outbox, HeldClock]]:
+    cfg = make_config(tmp_path, gpio={"relay_pulse_s": 0.2}, policy={"anti_passback_s": anti_passback_s})
     (tmp_path / "state").mkdir()
     outbox = Outbox(tmp_path / "state" / "outbox.db", 100)
     factory = MockFactory()
@@ -67,6 +68,12 @@ def gate(tmp_path: Path) -> Iterator[tuple[Gate, Outbox, HeldClock]]:
     finally:
         outbox.close()
         factory.close()
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[tuple[Gate, Outbox, HeldClock]]:
+    with built_gate(tmp_path, anti_passback_s=60.0) as built:
+        yield built
 
 
 def committed(outbox: Outbox) -> list[dict[str, object]]:
@@ -129,31 +136,12 @@ def test_each_frame_is_counted_and_its_decode_time_kept_in_ms(gate: tuple[Gate, 
 
 
 def test_anti_passback_holds_for_a_window_of_a_second(tmp_path: Path) -> None:
-    cfg = make_config(tmp_path, policy={"anti_passback_s": 1.0})
-    (tmp_path / "state").mkdir()
-    outbox = Outbox(tmp_path / "state" / "outbox.db", 100)
-    factory = MockFactory()
-    clock = HeldClock(SCANNED)
-    try:
-        with Signals(cfg.gpio, pin_factory=factory) as signals:
-            g = Gate(
-                cfg,
-                decoder=Decoder(("zxing",)),
-                outbox=outbox,
-                signals=signals,
-                pseudonymizer=events.Pseudonymizer(b"k" * 32),
-                clock=clock,
-                alarms=Alarms(),
-                clock_synced=lambda: True,
-            )
-            assert g._scan(b"EMP-0001").decision.reason == Reason.OK
-            clock.mono += 0.5
-            assert g._scan(b"EMP-0001").decision.reason == Reason.ANTI_PASSBACK
-            clock.mono += 0.6
-            assert g._scan(b"EMP-0001").decision.reason == Reason.OK
-    finally:
-        outbox.close()
-        factory.close()
+    with built_gate(tmp_path, anti_passback_s=1.0) as (g, _outbox, clock):
+        assert g._scan(b"EMP-0001").decision.reason == Reason.OK
+        clock.mono += 0.5
+        assert g._scan(b"EMP-0001").decision.reason == Reason.ANTI_PASSBACK
+        clock.mono += 0.6
+        assert g._scan(b"EMP-0001").decision.reason == Reason.OK
 
 
 def test_a_busy_day_forgets_only_accepts_past_the_window(gate: tuple[Gate, Outbox, HeldClock]) -> None:
