@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -910,3 +911,41 @@ def test_pubacks_for_what_is_not_a_check_in_are_ignored(idle: tuple[Publisher, O
     pub._offline_mid = 7
     pub._on_puback(7, ok, removable)  # the stop's "offline": the stop waits for exactly this
     assert pub._offline_mid is None and removable == [] and alarms.raised == []
+
+
+def test_an_ack_up_to_the_first_seq_removes_it(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    pub, outbox, _ = idle
+    pub._on_ack(ack(1).encode())
+    assert left(outbox) == [2, 3, 4, 5]
+
+
+def test_an_outbox_that_cannot_be_read_is_never_reported_drained(
+    idle: tuple[Publisher, Outbox, Alarms],
+) -> None:
+    # The stop path asks before it gives up on delivery: a broken outbox must not say "all sent".
+    pub, outbox, _ = idle
+    outbox.close()
+    assert not pub.wait_drained(0.1)
+
+
+def test_a_refused_occupancy_counter_is_logged_once_and_a_success_not_at_all(
+    idle: tuple[Publisher, Outbox, Alarms], caplog: pytest.LogCaptureFixture
+) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    pub, _, alarms = idle
+    caplog.set_level(logging.ERROR, logger="scanner.gate.publisher")
+    ok = ReasonCode(PacketTypes.PUBACK, "Success")
+    refused = ReasonCode(PacketTypes.PUBACK, "Not authorized")
+    pub._counter_mid = 3
+    pub._on_puback(3, ok, [])
+    assert pub._counter_mid is None and not caplog.records
+    for mid in (4, 5):
+        pub._counter_mid = mid
+        pub._on_puback(mid, refused, [])
+        assert pub._counter_mid is None
+    assert [r.getMessage().split(": ")[0] for r in caplog.records] == [
+        f"broker {pub._where} refused this gate's occupancy counter on {pub._t_occupancy}"
+    ]
+    assert alarms.raised == []  # a counter is not a check-in: no publish_refused alarm
