@@ -569,3 +569,21 @@ class Checkins:
             annuls=entry.event_id,
             device=entry.device,
         )
+
+
+class FakeClock:
+    """Wall and monotonic time that move only when a test moves them (the pipeline's Clock)."""
+
+    def __init__(self, wall: dt.datetime) -> None:
+        self.wall = wall
+        self.mono = 1000.0
+
+    def now(self) -> dt.datetime:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.wall += dt.timedelta(seconds=seconds)
+        self.mono += seconds

@@ -37,6 +37,7 @@ from tests.helpers import (
     BLANK,
     OPERATOR,
     OPERATOR_KID,
+    FakeClock,
     HeldSource,
     OrderCheckingSignals,
     gate_config,
@@ -58,24 +59,6 @@ MORNING = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
 DAY = date(2026, 11, 29)
 # 03:59 local on 2026-11-30 is still the 29th's day; 04:00 local is 21:00 UTC the day before.
 BEFORE_DAY_START = datetime(2026, 11, 29, 20, 59, tzinfo=UTC)
-
-
-class FakeClock:
-    """Wall and monotonic time that move only when told."""
-
-    def __init__(self, wall: datetime) -> None:
-        self.wall = wall
-        self.mono = 1000.0
-
-    def now(self) -> datetime:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def advance(self, seconds: float) -> None:
-        self.wall += timedelta(seconds=seconds)
-        self.mono += seconds
 
 
 class FlowingClock:

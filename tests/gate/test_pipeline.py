@@ -24,31 +24,19 @@ from scanner.gate.outbox import Outbox
 from scanner.gate.pipeline import Alarms, Gate
 from scanner.gate.signals import Signals
 from scanner.models import Frame, Reason
-from tests.helpers import make_config
+from tests.helpers import FakeClock, make_config
 
 # Far from the machine's clock: an event that took its time from anywhere else shows it.
 SCANNED = datetime(2031, 5, 6, 7, 8, 9, 345_000, tzinfo=UTC)
 
 
-class HeldClock:
-    def __init__(self, now: datetime) -> None:
-        self.wall = now
-        self.mono = 1000.0
-
-    def now(self) -> datetime:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-
 @contextmanager
-def built_gate(tmp_path: Path, anti_passback_s: float) -> Iterator[tuple[Gate, Outbox, HeldClock]]:
+def built_gate(tmp_path: Path, anti_passback_s: float) -> Iterator[tuple[Gate, Outbox, FakeClock]]:
     cfg = make_config(tmp_path, gpio={"relay_pulse_s": 0.2}, policy={"anti_passback_s": anti_passback_s})
     (tmp_path / "state").mkdir()
     outbox = Outbox(tmp_path / "state" / "outbox.db", 100)
     factory = MockFactory()
-    clock = HeldClock(SCANNED)
+    clock = FakeClock(SCANNED)
     try:
         with Signals(cfg.gpio, pin_factory=factory) as signals:
             yield (
@@ -71,7 +59,7 @@ def built_gate(tmp_path: Path, anti_passback_s: float) -> Iterator[tuple[Gate, O
 
 
 @pytest.fixture
-def gate(tmp_path: Path) -> Iterator[tuple[Gate, Outbox, HeldClock]]:
+def gate(tmp_path: Path) -> Iterator[tuple[Gate, Outbox, FakeClock]]:
     with built_gate(tmp_path, anti_passback_s=60.0) as built:
         yield built
 
@@ -84,7 +72,7 @@ def uuid7_ms(event_id: str) -> int:
     return uuid.UUID(event_id).int >> 80
 
 
-def test_every_event_id_carries_the_time_of_its_event(gate: tuple[Gate, Outbox, HeldClock]) -> None:
+def test_every_event_id_carries_the_time_of_its_event(gate: tuple[Gate, Outbox, FakeClock]) -> None:
     # UUIDv7 ids sort by time: the time in the id is the scan's (or the open's), as in ``ts``,
     # not the moment the id was made, so ids and times agree whatever the clock did meanwhile.
     g, outbox, _clock = gate
@@ -98,7 +86,7 @@ def test_every_event_id_carries_the_time_of_its_event(gate: tuple[Gate, Outbox, 
     assert opened["decision"] == "accepted" and opened["reason"] == "ok" and opened["clock_synced"] is True
 
 
-def test_every_decision_is_counted_by_its_reason(gate: tuple[Gate, Outbox, HeldClock]) -> None:
+def test_every_decision_is_counted_by_its_reason(gate: tuple[Gate, Outbox, FakeClock]) -> None:
     # The counters behind ``health.decisions``: every open and every scan, once each.
     g, outbox, clock = gate
     assert g.remote_open("1a2b3c4d")[0]
@@ -124,7 +112,7 @@ class SlowDecoder:
         return []
 
 
-def test_each_frame_is_counted_and_its_decode_time_kept_in_ms(gate: tuple[Gate, Outbox, HeldClock]) -> None:
+def test_each_frame_is_counted_and_its_decode_time_kept_in_ms(gate: tuple[Gate, Outbox, FakeClock]) -> None:
     # health's fps and decode_ms come from these: a wrong unit or count misleads the operator.
     g, _outbox, _clock = gate
     g._decoder = SlowDecoder(0.02)  # type: ignore[assignment]
@@ -144,7 +132,7 @@ def test_anti_passback_holds_for_a_window_of_a_second(tmp_path: Path) -> None:
         assert g._scan(b"EMP-0001").decision.reason == Reason.OK
 
 
-def test_a_busy_day_forgets_only_accepts_past_the_window(gate: tuple[Gate, Outbox, HeldClock]) -> None:
+def test_a_busy_day_forgets_only_accepts_past_the_window(gate: tuple[Gate, Outbox, FakeClock]) -> None:
     # Past 4,096 remembered accepts the memory is pruned: what is older than the window goes,
     # a badge accepted a moment ago must still be refused.
     g, _outbox, clock = gate
@@ -158,7 +146,7 @@ def test_a_busy_day_forgets_only_accepts_past_the_window(gate: tuple[Gate, Outbo
 
 
 def test_the_outbox_recovering_keeps_the_fault_pattern_while_the_camera_is_still_down(
-    gate: tuple[Gate, Outbox, HeldClock],
+    gate: tuple[Gate, Outbox, FakeClock],
 ) -> None:
     g, _outbox, _clock = gate
     g._alarms.raise_("camera", "no frames for 5 s")

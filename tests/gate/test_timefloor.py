@@ -24,25 +24,9 @@ from scanner.gate.signals import Signals
 from scanner.gate.timefloor import FLOOR_FILE, FlooredClock
 from scanner.models import Reason
 from scanner.sim import synth
-from tests.helpers import make_config
+from tests.helpers import FakeClock, make_config
 
 TRUE_NOW = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
-
-
-class FakeClock:
-    def __init__(self, wall: datetime) -> None:
-        self.wall = wall
-        self.mono = 1000.0
-
-    def now(self) -> datetime:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def advance(self, seconds: float) -> None:
-        self.wall += timedelta(seconds=seconds)
-        self.mono += seconds
 
 
 class Sync:
