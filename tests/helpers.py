@@ -382,16 +382,22 @@ def gate_config(broker: LocalBroker, tmp_path: Path, **sections: dict[str, Any])
 
 @contextlib.contextmanager
 def running(
-    cfg: config_mod.Config, factory: MockFactory, source: HeldSource, **app_kwargs: Any
+    cfg: config_mod.Config,
+    factory: MockFactory,
+    source: HeldSource,
+    *,
+    online: bool = True,
+    **app_kwargs: Any,
 ) -> Iterator[App]:
-    """The daemon's App in a thread until the block ends (``app_kwargs``: clock, clock_synced, ...)."""
+    """The daemon's App in a thread until the block ends (``app_kwargs``: clock, clock_synced, ...);
+    with ``online``, from the moment it is subscribed on its broker."""
     app = App(cfg, pin_factory=factory, source=source, **app_kwargs)
     stop = threading.Event()
     thread = threading.Thread(target=app.run, args=(stop,), name="test-app", daemon=True)
     thread.start()
     try:
-        assert wait_until(lambda: app._publisher is not None, 10)
-        assert app._publisher.wait_subscribed(10)
+        assert wait_until(lambda: app._publisher is not None and app.gate is not None, 10)
+        assert not online or app._publisher.wait_subscribed(10)
         yield app
     finally:
         stop.set()

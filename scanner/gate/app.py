@@ -254,6 +254,7 @@ class App:
             clock_synced=self._clock_synced,
             saved=outbox.saved_state(STATE_KEY),
             alarms=self.alarms,
+            linked=True,
         )
         self.occupancy = occupancy
         publisher = Publisher(

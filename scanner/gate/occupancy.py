@@ -13,7 +13,14 @@ inside count is the sum over the counters of the same day of entries − exits +
 below 0. A correction ("there are N inside") makes the correcting gate's ``adjust`` whatever
 brings that sum to N, so it reaches every sibling as one more counter; an exit counted when
 the sum is already 0 raises ``adjust`` by one, so people who came in before the day started
-cannot make the count go negative and then hide entries.
+cannot make the count go negative and then hide entries. That hold at 0 is only as right as the
+gate's view of its siblings, and a gate that just started has none: its siblings' retained
+counters are still on their way. So until it has heard the site (every gate of ``site.gates``,
+or, without that list, its own counter back from the broker, which comes after everything the
+broker kept), it counts exits without the hold and keeps their number; once it has heard the
+site it holds at 0 for as many of them as the site's sum is below 0. An exit decided a moment
+after a start is then neither lost nor hiding an entry. A gate that cannot hear the site within
+``stale_after_s`` of its start decides on the view it has, as a stale gate does.
 
 The day: ``site.day_start`` in ``site.timezone``. It only ever moves forward, and only on a
 clock that is NTP-synchronised: a Pi without a real-time clock boots with its clock set back
@@ -162,14 +169,17 @@ def _uuid7_time(value: Any) -> datetime | None:
     return datetime.fromtimestamp((parsed.int >> 80) / 1000, UTC)
 
 
-def apply(counts: Counts, move: Movement, others: int) -> Counts:
-    """``counts`` after ``move``; ``others`` is the rest of the site's sum (other gates, same day)."""
+def apply(counts: Counts, move: Movement, others: int, *, hold: bool = True) -> Counts:
+    """``counts`` after ``move``; ``others`` is the rest of the site's sum (other gates, same day).
+
+    ``hold``: keep the site's sum from going below 0 on an exit (False while the gate has not
+    heard the site yet, when ``others`` may not be the site at all)."""
     entries = min(MAX_COUNT, max(0, counts.entries + move.entries))
     exits = min(MAX_COUNT, max(0, counts.exits + move.exits))
     adjust = counts.adjust
     if move.set_inside is not None:
         adjust = move.set_inside - others - (entries - exits)
-    elif move.exits > 0 and others + counts.net <= 0:
+    elif hold and move.exits > 0 and others + counts.net <= 0:
         # Nobody counted inside, yet someone left (in before the day started, or through a
         # door without a gate): keep 0, so the next entries are not swallowed by a negative sum.
         adjust += move.exits
@@ -271,7 +281,11 @@ class Occupancy:
         clock_synced: Callable[[], bool],
         saved: bytes | None = None,
         alarms: AlarmSink | None = None,
+        linked: bool = False,
     ) -> None:
+        """``linked``: a publisher will report the broker link (:meth:`link`) and the site's
+        counters (:meth:`heard`); until then this gate has not heard the site. Without one the
+        gate is alone with what it has, and has heard all there is to hear."""
         site = config.site
         self._site = config.device.site
         self._device = config.device.id
@@ -287,7 +301,12 @@ class Occupancy:
         self._day = SiteDay(config)
         self._cond = threading.Condition(threading.RLock())
         start = monotonic()
-        self._own, self._siblings = self._load(saved, start)
+        self._own, self._siblings, unheld = self._load(saved, start)
+        # Exits counted before this gate heard the site, not yet held at 0 (see the module doc).
+        self._unheld = unheld
+        self._heard_site = not linked
+        self._awaited = set(self._allowed) - {self._device}  # site.gates not heard since the start
+        self._hear_site_by = start + self._stale_after
         # Kept up to date by _changed(), so a decision reads two numbers, not the whole view.
         self._next_day_at = self._day.after(self._own.day)
         self._others_net = 0
@@ -305,10 +324,10 @@ class Occupancy:
 
     # -- state on disk (the outbox's state row) --------------------------------------------------
 
-    def _load(self, saved: bytes | None, start: float) -> tuple[Counts, dict[str, _Sibling]]:
+    def _load(self, saved: bytes | None, start: float) -> tuple[Counts, dict[str, _Sibling], int]:
         today = self._day.of(self._now())
         if saved is None:
-            return Counts(today), {}
+            return Counts(today), {}, 0
         try:
             doc = json.loads(saved)
             if doc.get("schema") != STATE_SCHEMA:
@@ -319,17 +338,21 @@ class Occupancy:
                 for dev, c in doc.get("siblings", {}).items()
                 if NAME.fullmatch(str(dev)) and dev != self._device
             }
+            unheld = doc.get("unheld", 0)
+            if isinstance(unheld, bool) or not isinstance(unheld, int) or not 0 <= unheld <= MAX_COUNT:
+                raise ValueError(f"unheld {unheld!r} is not a count")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             # Counts only: the events are safe in the outbox. This gate's retained counter puts
             # its counts back when the broker answers (see heard()).
             log.error("occupancy state in the outbox is unreadable (%s): starting from 0", exc)
-            return Counts(today), {}
-        return own, dict(list(siblings.items())[:MAX_GATES])
+            return Counts(today), {}, 0
+        return own, dict(list(siblings.items())[:MAX_GATES]), unheld
 
-    def _state_blob(self, own: Counts) -> bytes:
+    def _state_blob(self, own: Counts, unheld: int) -> bytes:
         doc = {
             "schema": STATE_SCHEMA,
             "own": _counts_to(own),
+            "unheld": unheld,
             "siblings": {
                 dev: {**_counts_to(s.counts), "capacity": s.capacity} for dev, s in self._siblings.items()
             },
@@ -351,7 +374,8 @@ class Occupancy:
                 self._staged = move
                 if move is None:
                     return None
-                return STATE_KEY, self._state_blob(apply(self._own, move, self._others()))
+                own, unheld = self._after(move)
+                return STATE_KEY, self._state_blob(own, unheld)
         except Exception:
             log.exception("occupancy: could not count a committed event; the count may be off by one")
             self._staged = None
@@ -364,10 +388,32 @@ class Occupancy:
             if move is None:
                 return
             self._roll()
-            self._own = apply(self._own, move, self._others())
+            self._own, self._unheld = self._after(move)
             body = self._counter_locked()
             self._changed()
         self.publish(body)
+
+    def _after(self, move: Movement) -> tuple[Counts, int]:
+        """This gate's counts and unheld exits after ``move`` (caller holds the lock)."""
+        own = apply(self._own, move, self._others(), hold=self._heard_site)
+        if move.set_inside is not None:
+            return own, 0  # the operator said how many are inside: nothing left to hold
+        if self._heard_site:
+            return own, self._unheld
+        return own, min(MAX_COUNT, max(0, self._unheld + move.exits))
+
+    def _hear_site(self) -> bytes | None:
+        """This gate has heard the site (caller holds the lock): hold the sum at 0 for the exits
+        counted before, as many as it is below 0. The counter to publish if that changed it."""
+        self._heard_site = True
+        unheld, self._unheld = self._unheld, 0
+        held = min(unheld, -(self._own.net + self._others()))
+        if held <= 0:
+            return None
+        log.info("occupancy: %d exit(s) counted before this gate heard the site kept the count at 0", held)
+        self._own = replace(self._own, version=self._own.version + 1, adjust=self._own.adjust + held)
+        self._changed()
+        return self._counter_locked()
 
     def discard(self) -> None:
         """The event was not recorded: nothing happened."""
@@ -414,6 +460,9 @@ class Occupancy:
             self._roll()
             if device == self._device:
                 body = self._maybe_adopt(counts, retained)
+                if not retained and self._link_up and not self._awaited and not self._heard_site:
+                    # Our counter came back live: the broker sent every retained counter before.
+                    body = self._hear_site() or body
             else:
                 mono = self._mono()
                 if retained:  # from the broker's store: as old as its ts says (never from the future)
@@ -433,6 +482,10 @@ class Occupancy:
                         self.capacity,
                     )
                 self._changed()
+                if self._awaited and not self._heard_site:
+                    self._awaited.discard(device)
+                    if not self._awaited:
+                        body = self._hear_site()
         if body is not None:
             self.publish(body)
 
@@ -494,6 +547,13 @@ class Occupancy:
         with self._cond:
             self._roll()
             mono = self._mono()
+            if not self._heard_site and mono >= self._hear_site_by:
+                log.warning(
+                    "occupancy: the site's counters not heard %.0f s after the start: deciding on the"
+                    " view this gate has",
+                    self._stale_after,
+                )
+                body = self._hear_site()
             if mono - self._published >= self._heartbeat:
                 body = self._counter_locked()
             detail = self._stale_reason(mono)
@@ -525,6 +585,7 @@ class Occupancy:
             return
         log.info("occupancy: a new day (%s) begins at %s; counts start from 0", today, self._own.day)
         self._own = Counts(today, self._own.version + 1)
+        self._unheld = 0  # yesterday's exits
         self._next_day_at = self._day.after(today)
         mono = self._mono()
         for s in self._siblings.values():

@@ -94,9 +94,7 @@ def write_exit_gate(
     capacity: int = 0,
 ) -> Path:
     """Frames and a config for the demo's exit gate, beside the entry gate's lists."""
-    # A lead, like the returning visitor's: a gate that has not yet heard its siblings' counters
-    # sees nobody inside and keeps an exit from taking the count below zero (see the note on it).
-    render_frames(workdir / "frames-exit", scenes, fps=fps, lead_s=3.0)
+    render_frames(workdir / "frames-exit", scenes, fps=fps)
     return _gate_config(
         workdir, "exit", EXIT_DEVICE, "out", broker_port=broker_port, fps=fps, capacity=capacity
     )

@@ -364,6 +364,123 @@ def test_a_gate_of_another_site_is_not_counted_where_site_gates_names_the_siblin
     assert "'intruder': not one of site.gates" in caplog.text
 
 
+# -- a gate that has not heard the site yet (just started, its siblings' counters on their way) ----
+
+EXIT = json.dumps({"decision": "accepted", "reason": "ok", "direction": "out"}).encode()
+ENTRY = json.dumps({"decision": "accepted", "reason": "ok", "direction": "in"}).encode()
+
+
+class Linked:
+    """An Occupancy wired as the daemon wires it (a publisher reports the link and the counters),
+    driven by hand in the order the broker delivers, with what it publishes recorded."""
+
+    def __init__(self, tmp_path: Path, clock: FakeClock, saved: bytes | None = None, **site: Any) -> None:
+        self.cfg = make_config(tmp_path, device={"id": "out-c", "site": "site-t"}, site=site)
+        self.occ = Occupancy(
+            self.cfg,
+            now=clock.now,
+            monotonic=clock.monotonic,
+            clock_synced=lambda: True,
+            saved=saved,
+            linked=True,
+        )
+        self.sent: list[dict[str, Any]] = []
+        self.occ.publish = lambda body: self.sent.append(json.loads(body))
+        self.blob: bytes | None = None
+
+    def count(self, event: bytes) -> None:
+        """Commit one event as Gate._commit does: stage (the state row to store), then committed."""
+        staged = self.occ.stage(event)
+        assert staged is not None
+        self.blob = staged[1]
+        self.occ.committed()
+
+    def sibling(self, device: str, **counts: Any) -> None:
+        self.occ.heard(device, sibling_counter(self.cfg, device, **counts), retained=True)
+
+    def echo(self) -> None:
+        """This gate's latest counter, back from the broker live."""
+        body = json.dumps(self.sent[-1]).encode()
+        self.occ.heard("out-c", body, retained=False)
+
+
+def test_an_exit_decided_before_the_siblings_counters_arrive_still_counts(tmp_path: Path) -> None:
+    clock = FakeClock(MORNING)
+    g = Linked(tmp_path, clock)
+    g.occ.link(True)
+    g.count(EXIT)  # the visitor who came in by in-a leaves by this gate, 50 ms after its start
+    assert g.occ.inside() == 0
+    g.sibling("in-a", entries=1)  # in-a's retained counter, a moment later
+    g.echo()  # ...and then our own: the broker has sent all it kept
+    assert g.occ.inside() == 0
+    assert (g.occ.own().exits, g.occ.own().adjust) == (1, 0)  # the exit counts, nothing held
+    assert g.sent[-1]["adjust"] == 0
+    g.sibling("in-a", entries=2, version=2)  # the next entry is seen
+    assert g.occ.inside() == 1
+
+
+def test_exits_before_anyone_was_counted_are_held_at_0_once_the_gate_has_heard_the_site(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(MORNING)
+    g = Linked(tmp_path, clock)
+    g.occ.link(True)
+    g.count(EXIT)
+    g.count(EXIT)  # two night guards leave; in-a counted one person in
+    g.sibling("in-a", entries=1)
+    assert g.occ.own().adjust == 0  # not yet: more counters may be on their way
+    g.echo()
+    assert (g.occ.own().exits, g.occ.own().adjust, g.occ.inside()) == (2, 1, 0)
+    assert g.sent[-1]["adjust"] == 1  # the siblings learn of the hold at once
+    g.sibling("in-a", entries=2, version=2)
+    assert g.occ.inside() == 1  # the hold keeps the next entry from being swallowed
+    g.count(EXIT)  # heard the site: an exit at 0 is held right away, as before
+    g.count(EXIT)
+    assert (g.occ.own().adjust, g.occ.inside()) == (2, 0)
+
+
+def test_with_site_gates_the_gate_waits_for_every_sibling_not_for_its_own_echo(tmp_path: Path) -> None:
+    clock = FakeClock(MORNING)
+    g = Linked(tmp_path, clock, gates=["in-a", "in-b", "out-c"])
+    g.occ.link(True)
+    g.count(EXIT)
+    g.echo()  # a broker restarted without its store: in-a and in-b resend when they reconnect
+    g.sibling("in-a", entries=0)
+    assert g.occ.own().adjust == 0
+    g.sibling("in-b", entries=1)
+    assert (g.occ.own().adjust, g.occ.inside()) == (0, 0)
+    g.count(EXIT)  # heard the site: this one is held
+    assert (g.occ.own().adjust, g.occ.inside()) == (1, 0)
+
+
+def test_a_gate_that_cannot_hear_the_site_decides_on_its_view_after_stale_after_s(tmp_path: Path) -> None:
+    clock = FakeClock(MORNING)
+    g = Linked(tmp_path, clock, stale_after_s=30.0)
+    g.count(EXIT)  # no broker yet
+    clock.advance(29.5)
+    g.occ.tick()
+    assert g.occ.own().adjust == 0
+    clock.advance(1.0)
+    g.occ.tick()
+    assert (g.occ.own().adjust, g.occ.inside()) == (1, 0)
+    assert g.sent[-1]["adjust"] == 1
+
+
+def test_exits_not_yet_held_survive_a_restart(tmp_path: Path) -> None:
+    clock = FakeClock(MORNING)
+    g = Linked(tmp_path, clock)
+    g.count(EXIT)  # then the power goes, before the broker answered
+    again = Linked(tmp_path, clock, saved=g.blob)
+    assert again.occ.own().exits == 1
+    again.occ.link(True)
+    again.occ.tick()  # the first heartbeat: the counter to echo
+    again.echo()  # nobody else on the site
+    assert (again.occ.own().adjust, again.occ.inside()) == (1, 0)
+    broken = json.loads(g.blob or b"")
+    broken["unheld"] = -3
+    assert Linked(tmp_path, clock, saved=json.dumps(broken).encode()).occ.own().exits == 0  # unreadable: 0
+
+
 # -- gates on a broker ------------------------------------------------------------------------------
 
 CODES = {
@@ -561,6 +678,34 @@ def test_a_gate_cut_off_from_the_broker_decides_on_its_last_view_marks_it_stale_
             broker.start()  # no persistence: the retained counters are gone, the gates resend
             site.converge(4, timeout=40)  # over the cap by the partition's one, and honest about it
             assert wait_until(lambda: "occupancy_stale" not in a.alarms.snapshot(), 10), a.alarms.snapshot()
+    finally:
+        broker.stop()
+
+
+def test_an_exit_gate_started_while_the_broker_is_down_counts_its_exit_once_it_hears_the_site(
+    tmp_broker_dir, tmp_path
+) -> None:
+    # The demo's race, made certain: the exit is decided before the gate has heard anything.
+    broker = LocalBroker(tmp_broker_dir, persistence=True).start()
+    try:
+        with Site(broker, tmp_path, "in-a", "out-c:out") as site:
+            site.start("in-a")
+            site.show("in-a", "EMP-0001")
+            site.converge(1, "in-a")
+            a = site.occ("in-a")
+            topic = f"gate/{site.name}/{site.cfgs['in-a'].device.id}/occupancy"
+            with Subscriber(broker, topic) as sub:  # the broker has it: the store will too
+                assert sub.wait_for(lambda ms: any(json.loads(m.payload)["entries"] == 1 for m in ms))
+            broker.stop()  # in-a's counter (1 inside) stays in the broker's store
+            site.start("out-c", online=False)
+            site.show("out-c", "EMP-0001")  # leaves; this gate has seen nobody come in
+            assert site.occ("out-c").inside() == 0
+            broker.start()
+            site.converge(0)  # the exit counts: before, it was held at 0 and the site stayed at 1
+            assert site.occ("out-c").own().adjust == 0
+            site.show("in-a", "EMP-0002")
+            site.converge(1)
+            assert a.snapshot()["gates"][site.cfgs["out-c"].device.id]["exits"] == 1
     finally:
         broker.stop()
 
