@@ -296,7 +296,7 @@ class Signals:
                     # An accept during the fire still wants the door: a fresh energising, with
                     # its own ceiling counted from now.
                     self._on_since = now
-                    self._relay_write(True, reason="")
+                    self._relay_write(True)
                 else:
                     self._on_since = None
                     self._relay_write(False, reason=" (fire cleared)")
@@ -313,7 +313,7 @@ class Signals:
             self._want_until = 0.0
             self._fire = False
             self._cond.notify_all()
-        self._relay_write(False, reason="")  # also immediately, in case the pulse logic is stuck
+        self._relay_write(False)  # also immediately, in case the pulse logic is stuck
 
     def close(self) -> None:
         """Relay off first, then stop the pulse logic and release every pin. Idempotent."""
@@ -322,7 +322,7 @@ class Signals:
                 return
             self._closed = True
         try:
-            self._relay_write(False, reason="")
+            self._relay_write(False)
         finally:
             got = self._cond.acquire(timeout=1.0)
             try:
@@ -351,7 +351,8 @@ class Signals:
 
     # -- relay --------------------------------------------------------------------------------
 
-    def _relay_write(self, on: bool, *, reason: str) -> None:
+    def _relay_write(self, on: bool, *, reason: str = "") -> None:
+        """Drive the relay; the log says so (with ``reason``) only when its state changes."""
         if self._relay.closed:
             return
         was = self._relay.is_active
@@ -398,7 +399,7 @@ class Signals:
                     # Idle; the timeout only bounds the wait, every change notifies.
                     self._cond.wait(timeout=1.0)
             if self._on_since is not None:
-                self._relay_write(False, reason="")
+                self._relay_write(False)
                 self._on_since = None
 
     def _run_guard(self) -> None:

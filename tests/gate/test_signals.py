@@ -229,10 +229,13 @@ def test_exception_inside_with_block_leaves_relay_off(factory: RecordingFactory)
     assert factory.states(RELAY) == [False, True, False]
 
 
-def test_repeated_accepts_restart_the_pulse_but_never_exceed_max_on_time(factory: RecordingFactory) -> None:
+def test_repeated_accepts_restart_the_pulse_but_never_exceed_max_on_time(
+    factory: RecordingFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     # 3 s: the shortest ceiling that leaves FastSignals its full 0.3 s guard margin. Pulses of
     # 1 s, so that only a test thread stalled for a whole second lets one end between accepts.
     max_on = 3.0
+    caplog.set_level(logging.INFO, logger="scanner.gate.signals")
     with FastSignals(gpio(relay_pulse_s=1.0, relay_max_on_s=max_on), pin_factory=factory) as signals:
         relay = factory.pin(RELAY)
         relay.clear_states()
@@ -255,6 +258,14 @@ def test_repeated_accepts_restart_the_pulse_but_never_exceed_max_on_time(factory
     # write that energised it, which a loaded machine can delay: hence LATE_S).
     assert ons[0] >= max_on - FastSignals.GUARD_MARGIN_S - LATE_S, ons
     assert gaps[0] >= FastSignals.RELAY_GAP_S - EARLY_S, gaps
+    # What the log says of it: the cut, then the next person's pulse, which is what is left of
+    # the last accept's second (not the ceiling: the queue's accepts each want 1 s).
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("relay ")]
+    cut = lines.index("relay off (max on-time reached)")
+    after = [line for line in lines[cut + 1 :] if line.startswith("relay on")]
+    assert after, lines
+    pulse = float(after[0].removeprefix("relay on (pulse ").removesuffix(" s)"))
+    assert 0.5 <= pulse <= 1.0, after
 
 
 class SlowOffPin(RecordingPin):
@@ -372,6 +383,11 @@ def test_an_accept_right_after_a_reject_puts_the_red_light_out_at_once(factory: 
         signals.accepted()
         assert not red.state  # out before accepted() returned: this person walks through on green
         assert factory.wait_until(lambda: factory.pin(GREEN).state)
+        # The reject's restore timer was cancelled: nothing writes the red pin when it would
+        # have fired (a stale restore would restart a fault pattern shown meanwhile).
+        writes = sum(1 for pin, what, _ in factory.events if pin == RED and what == "state")
+        time.sleep(FastSignals.REJECT_RED_S + 0.2)
+        assert sum(1 for pin, what, _ in factory.events if pin == RED and what == "state") == writes
 
 
 def test_a_fault_during_a_reject_waits_for_the_steady_red_to_end(factory: RecordingFactory) -> None:
@@ -667,3 +683,175 @@ def test_at_start_no_led_lights_and_the_buzzer_is_silent(factory: RecordingFacto
         for pin in (GREEN, RED, BUZZER, RELAY):
             assert factory.states(pin) == [False], pin  # never on, not even for a moment
         assert not signals.faulty
+
+
+def relay_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("relay ")]
+
+
+def test_the_log_says_each_relay_change_once_with_its_cause(
+    factory: RecordingFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="scanner.gate.signals")
+    with FastSignals(gpio(relay_pulse_s=2.0), pin_factory=factory) as signals:
+        signals.relay_off()  # already off: nothing changed, nothing to say
+        signals.accepted()
+        signals.passage_seen()
+        signals.set_fire(True)
+        signals.set_fire(False)
+        signals.accepted()
+        signals.relay_off()
+        time.sleep(0.1)  # the pulse logic catches up with relay_off: already off, no second line
+    assert relay_lines(caplog) == [
+        "relay on (pulse 2.0 s)",
+        "relay off (passage seen)",
+        "relay on (fire: door held released)",
+        "relay off (fire cleared)",
+        "relay on (pulse 2.0 s)",
+        "relay off",
+    ]
+
+
+def test_during_a_fire_an_accept_beeps_once_and_a_reject_three_times_and_the_leds_keep_flashing(
+    factory: RecordingFactory,
+) -> None:
+    with FastSignals(gpio(), pin_factory=factory) as signals:
+        signals.set_fire(True)
+        buzzer = factory.pin(BUZZER)
+        signals.accepted()
+        assert factory.wait_until(lambda: len(buzzer.states) >= 3)
+        time.sleep(0.2)  # a second beep would have come by now
+        assert factory.states(BUZZER) == [False, True, False]
+        signals.rejected()
+        assert factory.wait_until(lambda: len(buzzer.states) >= 9)
+        time.sleep(0.2)
+        assert rising_edges_after(buzzer, 0) == 4
+        # Green and red still flash together: neither an accept nor a reject took them over.
+        green, red = factory.pin(GREEN), factory.pin(RED)
+        n_green, n_red = len(green.states), len(red.states)
+        assert factory.wait_until(lambda: rising_edges_after(green, n_green) >= 1)
+        assert factory.wait_until(lambda: rising_edges_after(red, n_red) >= 1)
+
+
+def test_a_beep_is_short_and_three_beeps_are_three_short_ones(factory: RecordingFactory) -> None:
+    with FastSignals(gpio(), pin_factory=factory) as signals:
+        buzzer = factory.pin(BUZZER)
+        signals.rejected()
+        assert factory.wait_until(lambda: len(buzzer.states) >= 7)
+        beep, gap = FastSignals.BEEP_S, FastSignals.BEEP_GAP_S
+        assert_timing(
+            buzzer,
+            [
+                (0.0, False),
+                (0.0, True),
+                (beep, False),
+                (gap, True),
+                (beep, False),
+                (gap, True),
+                (beep, False),
+            ],
+        )
+
+
+def test_after_a_fire_ends_scans_work_as_before(factory: RecordingFactory) -> None:
+    with FastSignals(gpio(relay_pulse_s=0.2), pin_factory=factory) as signals:
+        signals.set_fire(True)
+        signals.set_fire(False)
+        assert signals.fire is False
+        signals.set_fire(False)  # the panel says "clear" again: nothing moves
+        assert factory.states(RELAY) == [False, True, False]
+        signals.accepted()
+        assert factory.wait_until(lambda: factory.states(RELAY) == [False, True, False, True, False])
+        signals.rejected()
+        assert factory.wait_until(lambda: factory.pin(RED).state)
+        signals.set_fire(True)
+        signals.relay_off()  # the operator's relay-off ends the hold: no fire any more
+        assert signals.fire is False
+        n = len(factory.states(RELAY))
+        signals.set_fire(False)  # the panel's "clear" after that changes nothing
+        time.sleep(0.05)
+        assert len(factory.states(RELAY)) == n
+
+
+def test_a_passage_before_the_relay_thread_has_run_still_drops_the_relay(factory: RecordingFactory) -> None:
+    # The relay thread cannot run while the test holds the signals' lock: whatever accepted()
+    # and set_fire(False) leave for it to do, passage_seen() must find and undo.
+    with FastSignals(gpio(relay_pulse_s=2.0), pin_factory=factory) as signals:
+        with signals._cond:
+            signals.accepted()
+            signals.passage_seen()
+        time.sleep(0.2)
+        assert factory.states(RELAY) == [False, True, False]
+        with signals._cond:
+            signals.set_fire(True)
+            signals.accepted()
+            signals.set_fire(False)  # the accept still wants the door: energised afresh
+            signals.passage_seen()
+        time.sleep(0.2)
+        assert factory.states(RELAY) == [False, True, False, True, False]
+        assert signals.guard_trips == 0
+
+
+def test_showing_a_fault_twice_is_one_indication(
+    factory: RecordingFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="scanner.gate.signals")
+    with FastSignals(gpio(), pin_factory=factory) as signals:
+        signals.set_fault(True)
+        red = factory.pin(RED)
+        assert factory.wait_until(lambda: rising_edges_after(red, 0) >= 1)
+        signals.set_fault(True)
+        signals.set_fault(False)
+        signals.set_fault(False)
+    assert [r.getMessage() for r in caplog.records] == ["fault indication on", "fault indication off"]
+
+
+def test_after_close_every_call_does_nothing_and_raises_nothing(factory: RecordingFactory) -> None:
+    signals = FastSignals(gpio(), pin_factory=factory)
+    signals.close()
+    signals.accepted()
+    signals.rejected()
+    signals.set_fault(True)
+    signals.set_fire(True)
+    signals.passage_seen()
+    signals.relay_off()
+    signals.close()
+    assert not signals.relay_active and not signals.faulty and not signals.fire
+
+
+def test_close_ends_both_relay_threads_before_it_returns(factory: RecordingFactory) -> None:
+    signals = FastSignals(gpio(relay_pulse_s=2.0), pin_factory=factory)
+    signals.accepted()
+    signals.close()
+    assert not signals._controller.is_alive() and not signals._guard.is_alive()
+    assert factory.states(RELAY) == [False, True, False]
+
+
+def test_close_with_the_pulse_logic_stuck_drops_the_relay_at_once_and_still_returns(
+    factory: RecordingFactory,
+) -> None:
+    signals = FastSignals(gpio(relay_pulse_s=2.0), pin_factory=factory)
+    signals.accepted()
+    stuck, release = threading.Event(), threading.Event()
+
+    def hog() -> None:  # a pulse logic that never lets go of its lock
+        with signals._cond:
+            stuck.set()
+            release.wait(20)
+
+    thread = threading.Thread(target=hog, daemon=True)
+    thread.start()
+    assert stuck.wait(WAIT_S)
+    try:
+        start = time.monotonic()
+        closer = threading.Thread(target=signals.close, daemon=True)
+        closer.start()
+        assert factory.wait_until(lambda: factory.states(RELAY) == [False, True, False])
+        assert time.monotonic() - start < 0.5  # off first, whatever holds the lock
+        # Bounded: a second for the lock, a second per thread (10 s would be a close that
+        # waits for the stuck logic, which systemd's stop timeout would then kill).
+        closer.join(10)
+        assert not closer.is_alive() and time.monotonic() - start < 5.0
+    finally:
+        release.set()
+        thread.join(5)
