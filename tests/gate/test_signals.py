@@ -822,6 +822,7 @@ def test_after_close_every_call_does_nothing_and_raises_nothing(factory: Recordi
 def test_close_ends_both_relay_threads_before_it_returns(factory: RecordingFactory) -> None:
     signals = FastSignals(gpio(relay_pulse_s=2.0), pin_factory=factory)
     signals.accepted()
+    time.sleep(0.1)  # the relay thread is waiting out the pulse: close must wake it
     signals.close()
     assert not signals._controller.is_alive() and not signals._guard.is_alive()
     assert factory.states(RELAY) == [False, True, False]
