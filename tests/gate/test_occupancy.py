@@ -264,6 +264,28 @@ def test_at_a_hard_cap_an_entry_gate_rejects_and_the_relay_never_moves_for_it(un
     assert event["flags"] == ["over_capacity"] and g.gate.occupancy.inside() == 2
 
 
+@pytest.mark.parametrize(
+    ("direction", "capacity", "inside", "flagged"),
+    [
+        ("in", 0, 3, False),  # no cap: nothing to be over
+        ("in", 2, 1, False),  # room left
+        ("in", 2, 2, True),  # at the cap: the operator's word beats it, and the record says so
+        ("out", 1, 1, False),  # an exit never makes a site fuller
+    ],
+)
+def test_a_remote_open_is_flagged_over_capacity_only_at_a_full_entry_gate(
+    unit, direction, capacity, inside, flagged
+) -> None:
+    g = unit(device={"direction": direction}, site={"capacity": capacity})
+    for _ in range(inside):
+        g.commit("in", "accepted", "ok")
+    assert g.gate.remote_open(OPERATOR_KID.hex())[0]
+    event = json.loads(g.outbox.pending(limit=10)[-1][1])
+    jsonschema.validate(event, CHECKIN_SCHEMA)
+    assert (event["decision"], event["direction"]) == ("accepted", direction)
+    assert event.get("flags", []) == (["over_capacity"] if flagged else [])
+
+
 def test_in_soft_mode_the_entry_is_accepted_and_flagged(unit) -> None:
     g = unit(site={"capacity": 1, "capacity_mode": "soft"})
     assert g.scan("EMP-0001") is Reason.OK
