@@ -284,6 +284,21 @@ def test_a_replay_file_that_cannot_even_be_looked_at_still_refuses_what_came_bef
     assert refusal.value.reason == "replayed"
 
 
+def test_a_corrupt_replay_file_whose_time_cannot_be_read_falls_back_to_the_start(tmp_path, monkeypatch):
+    path = tmp_path / commands.REPLAY_FILE
+    path.write_bytes(b"{not json")
+    real_stat = Path.stat
+
+    def no_time(p: Path, *args: Any, **kw: Any) -> os.stat_result:
+        if p == path:  # read a moment ago, gone (or unreadable) now
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(p))
+        return real_stat(p, *args, **kw)
+
+    monkeypatch.setattr(Path, "stat", no_time)
+    guard = commands.ReplayGuard(path, 60.0, now=NOW)
+    assert guard.floor == NOW
+
+
 def test_read_only_selftest_needs_no_signature_but_a_full_envelope_is_still_checked(tmp_path):
     v = verifier(unit_config(tmp_path))
     bare = v.verify(inbound(b"", "selftest"), NOW)
