@@ -950,3 +950,73 @@ def test_a_refused_occupancy_counter_is_logged_once_and_a_success_not_at_all(
         f"broker {pub._where} refused this gate's occupancy counter on {pub._t_occupancy}"
     ]
     assert alarms.raised == []  # a counter is not a check-in: no publish_refused alarm
+
+
+@dataclasses.dataclass
+class _Info:
+    mid: int
+    rc: int = 0
+
+
+class RecordingClient:
+    """paho's publish as the publisher uses it: the seqs of the check-ins handed to it, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, **_kw: Any) -> _Info:
+        self.sent.append(json.loads(payload)["seq"])
+        return _Info(mid=len(self.sent) + 100)
+
+
+def test_nothing_is_handed_to_paho_while_offline_or_in_a_refusal_backoff(
+    idle: tuple[Publisher, Outbox, Alarms],
+) -> None:
+    pub, _, _ = idle
+    client = RecordingClient()
+    pub._client = client  # type: ignore[assignment]
+    pub._cursor, pub._highest_sent = 0, 0  # nothing sent yet
+    pub._online = False
+    pub._fill()
+    assert client.sent == []
+    pub._online = True
+    pub._hold_until = time.monotonic() + 60  # the broker refused a check-in: back off first
+    pub._fill()
+    assert client.sent == []
+    pub._hold_until = 0.0
+    pub._fill()
+    assert client.sent == [1, 2, 3, 4, 5]
+
+
+def test_after_a_backoff_each_refused_check_in_still_waiting_is_sent_again(
+    idle: tuple[Publisher, Outbox, Alarms],
+) -> None:
+    pub, outbox, _ = idle
+    client = RecordingClient()
+    pub._client = client  # type: ignore[assignment]
+    pub._online = True
+    outbox.remove([3])  # acked meanwhile by the collector: not sent again
+    pub._refused = {2, 3, 4}
+    pub._fill()
+    assert client.sent == [2, 4]
+    assert pub._refused == set() and sorted(pub._inflight.values()) == [2, 4]
+
+
+def test_wait_drained_waits_its_whole_timeout_for_rows_that_go_late(
+    idle: tuple[Publisher, Outbox, Alarms],
+) -> None:
+    # Nobody notifies here (the rows go behind the publisher's back): the bounded slices of the
+    # wait must still see it, and the wait must not give up before its timeout.
+    pub, outbox, _ = idle
+    remover = threading.Timer(1.2, outbox.remove_upto, args=(5,))
+    remover.start()
+    try:
+        started = time.monotonic()
+        assert pub.wait_drained(2.5)
+        assert 1.2 <= time.monotonic() - started < 2.5
+    finally:
+        remover.join()
+    outbox.append(event)
+    started = time.monotonic()
+    assert not pub.wait_drained(0.3)  # a row that stays: False once the timeout is over, not before
+    assert time.monotonic() - started >= 0.3
