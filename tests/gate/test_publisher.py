@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from scanner.config import Config, from_table
-from scanner.gate.outbox import Outbox
+from scanner.gate.outbox import Outbox, OutboxError
 from scanner.gate.publisher import Publisher, connect_failure
 from scanner.sim.localbroker import LocalBroker
 from tests.helpers import REPO, make_config, unique_name
@@ -1020,3 +1020,43 @@ def test_wait_drained_waits_its_whole_timeout_for_rows_that_go_late(
     started = time.monotonic()
     assert not pub.wait_drained(0.3)  # a row that stays: False once the timeout is over, not before
     assert time.monotonic() - started >= 0.3
+
+
+def test_fill_keeps_at_most_the_window_in_flight(idle: tuple[Publisher, Outbox, Alarms]) -> None:
+    # The window stays under the broker's Receive Maximum: one more and the broker may close
+    # the connection (0x93), so it is exact, not approximate.
+    pub, _, _ = idle
+    client = RecordingClient()
+    pub._client = client  # type: ignore[assignment]
+    pub._online, pub._cursor, pub._highest_sent, pub._window = True, 0, 0, 2
+    pub._fill()
+    assert client.sent == [1, 2]
+    pub._inflight.pop(min(pub._inflight))  # seq 1 acknowledged by the broker
+    pub._fill()
+    assert client.sent == [1, 2, 3] and len(pub._inflight) == 2
+
+
+def test_an_outbox_error_in_fill_is_one_alarm_a_pause_and_cleared_by_the_next_good_fill(
+    idle: tuple[Publisher, Outbox, Alarms],
+) -> None:
+    pub, outbox, alarms = idle
+    cleared: list[str] = []
+    pub._on_alarm_clear = cleared.append
+    client = RecordingClient()
+    pub._client = client  # type: ignore[assignment]
+    pub._online = True
+    real_pending = outbox.pending
+
+    def failing(*_a: Any, **_kw: Any) -> list[tuple[int, bytes]]:
+        raise OutboxError("disk I/O error")
+
+    outbox.pending = failing  # type: ignore[method-assign]
+    pub._fill()
+    assert alarms.raised == [("outbox_error", "disk I/O error")]
+    assert pub._hold_until - time.monotonic() > 0.5  # not straight back at a failing disk
+    pub._fill()  # inside the pause: nothing tried, nothing said again
+    assert alarms.raised == [("outbox_error", "disk I/O error")]
+    outbox.pending = real_pending  # type: ignore[method-assign]
+    pub._hold_until = 0.0
+    pub._fill()  # the disk is back; nothing new to send
+    assert client.sent == [] and cleared == ["outbox_error"] and pub._outbox_failing is False
