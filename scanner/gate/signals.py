@@ -138,7 +138,6 @@ class Signals:
     GUARD_MARGIN_S: float = 0.02
 
     def __init__(self, gpio: GpioConfig, *, pin_factory: Factory):
-        self._gpio = gpio
         self._pulse_s = gpio.relay_pulse_s
         self._max_on_s = gpio.relay_max_on_s
         self._ceiling_s = max(self._max_on_s - min(self.GUARD_MARGIN_S, self._max_on_s / 10), 0.0)

@@ -682,7 +682,12 @@ def test_at_start_no_led_lights_and_the_buzzer_is_silent(factory: RecordingFacto
         time.sleep(0.05)
         for pin in (GREEN, RED, BUZZER, RELAY):
             assert factory.states(pin) == [False], pin  # never on, not even for a moment
-        assert not signals.faulty
+        assert signals.faulty is False and signals.fire is False and signals.relay_active is False
+        writes = len(factory.events)
+        signals.set_fault(False)  # what a gate says when its camera is fine: nothing to change
+        signals.set_fire(False)  # and when the fire panel reads clear
+        time.sleep(0.05)
+        assert len(factory.events) == writes
 
 
 def relay_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -819,13 +824,35 @@ def test_after_close_every_call_does_nothing_and_raises_nothing(factory: Recordi
     assert not signals.relay_active and not signals.faulty and not signals.fire
 
 
-def test_close_ends_both_relay_threads_before_it_returns(factory: RecordingFactory) -> None:
-    signals = FastSignals(gpio(relay_pulse_s=2.0), pin_factory=factory)
-    signals.accepted()
-    time.sleep(0.1)  # the relay thread is waiting out the pulse: close must wake it
-    signals.close()
-    assert not signals._controller.is_alive() and not signals._guard.is_alive()
-    assert factory.states(RELAY) == [False, True, False]
+def test_close_ends_both_relay_threads_before_it_returns() -> None:
+    # Slow writes to low: the relay thread's own last write (it leaves with a pulse running)
+    # takes long enough that a close that did not wait for it would return first.
+    factory = RecordingFactory(pin_class=SlowOffPin)
+    try:
+        signals = FastSignals(gpio(relay_pulse_s=2.0), pin_factory=factory)
+        signals.accepted()
+        time.sleep(0.1)  # the relay thread is waiting out the pulse: close must wake it
+        signals.close()
+        assert not signals._controller.is_alive() and not signals._guard.is_alive()
+        assert factory.states(RELAY)[:3] == [False, True, False]
+        assert signals._relay.closed and all(
+            d is not None and d.closed for d in (signals._green, signals._red)
+        )
+    finally:
+        factory.close()
+
+
+@pytest.mark.parametrize(
+    ("cls", "max_on", "ceiling"),
+    [(FastSignals, 1.0, 0.9), (FastSignals, 5.0, 4.7), (Signals, 0.1, 0.09), (Signals, 5.0, 4.98)],
+)
+def test_the_pulse_logic_stops_a_margin_before_the_guard(
+    factory: RecordingFactory, cls: type[Signals], max_on: float, ceiling: float
+) -> None:
+    # The margin is GUARD_MARGIN_S, or a tenth of relay_max_on_s when that is shorter: the
+    # pulse logic must always act before the guard, and never cut a pulse much sooner.
+    with cls(gpio(relay_max_on_s=max_on, relay_pulse_s=min(0.2, max_on)), pin_factory=factory) as signals:
+        assert signals._ceiling_s == pytest.approx(ceiling)
 
 
 def test_close_with_the_pulse_logic_stuck_drops_the_relay_at_once_and_still_returns(
