@@ -156,7 +156,24 @@ def test_relay_is_driven_off_before_any_other_pin_is_touched(
         ]
         # A fresh mock pin reads low, so an active-low relay shows one write: to high (off).
         assert factory.states(RELAY) == ([False] if active_high else [False, True])
+        # Then each indicator is claimed and written off too: a pin left high by a killed
+        # daemon must not keep a green light (or the buzzer) on at start.
+        for pin in (GREEN, RED, BUZZER):
+            mine = [(what, value) for p, what, value in factory.events if p == pin]
+            assert mine[:3] == [("claimed", None), ("function", "output"), ("state", False)], (pin, mine)
     assert factory.states(RELAY) == ([False] if active_high else [False, True])
+
+
+@pytest.mark.parametrize("wiring", [{"red_pin": GREEN}, {"green_pin": RELAY}, {"buzzer_pin": RED}])
+def test_a_pin_that_cannot_be_claimed_leaves_the_relay_off_and_released_and_says_only_that(
+    factory: RecordingFactory, caplog: pytest.LogCaptureFixture, wiring: dict[str, int]
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="scanner.gate.signals")
+    with pytest.raises(Exception, match="in use"):
+        Signals(gpio(**wiring), pin_factory=factory)  # two outputs on one pin: a wiring mistake
+    assert factory.states(RELAY) == [False]
+    assert factory.pin(RELAY).function == "input"  # released: a restarted gate can claim it
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no noise besides the error
 
 
 def test_accept_is_exactly_one_pulse_with_green_and_one_beep(
@@ -761,12 +778,16 @@ def test_a_beep_is_short_and_three_beeps_are_three_short_ones(factory: Recording
 def test_after_a_fire_ends_scans_work_as_before(factory: RecordingFactory) -> None:
     with FastSignals(gpio(relay_pulse_s=0.2), pin_factory=factory) as signals:
         signals.set_fire(True)
+        time.sleep(0.1)  # the relay thread sees the hold (and must still be there after it)
         signals.set_fire(False)
         assert signals.fire is False
         signals.set_fire(False)  # the panel says "clear" again: nothing moves
         assert factory.states(RELAY) == [False, True, False]
+        accepted = time.monotonic()
         signals.accepted()
         assert factory.wait_until(lambda: factory.states(RELAY) == [False, True, False, True, False])
+        assert_pulse(factory.pin(RELAY), accepted, accepted, 0.2)  # ended by the pulse logic
+        assert signals.guard_trips == 0
         signals.rejected()
         assert factory.wait_until(lambda: factory.pin(RED).state)
         signals.set_fire(True)
