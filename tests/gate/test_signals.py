@@ -345,7 +345,35 @@ def test_guard_forces_relay_off_when_pulse_logic_is_stuck(
         assert factory.states(RELAY) == [False, True, False]
         assert_timing(relay, [(0.0, False), (0.0, True), (max_on, False)])
         assert relay.states[2].timestamp <= max_on + LATE_S
+        # The guard keeps guarding: it wakes with nothing energised (its wait is a second),
+        # the pulse logic works again, and the next stuck pulse is cut too.
+        time.sleep(1.2)
+        signals.accepted()
+        assert factory.wait_until(lambda: relay.state)
+        with signals._cond:
+            assert factory.wait_until(lambda: not relay.state, timeout=max_on + 1.0)
+            assert signals.guard_trips == 2
     assert any("max on-time guard" in r.getMessage() for r in caplog.records)
+
+
+def test_one_accept_in_the_gap_after_a_cut_opens_once_the_gap_is_over(factory: RecordingFactory) -> None:
+    class LongGap(FastSignals):
+        RELAY_GAP_S = 0.3
+
+    with LongGap(gpio(relay_pulse_s=1.0, relay_max_on_s=1.0), pin_factory=factory) as signals:
+        relay = factory.pin(RELAY)
+        signals.accepted()
+        assert factory.wait_until(lambda: relay.state)
+        tick = threading.Event()
+        deadline = time.monotonic() + 3.0
+        while relay.state and time.monotonic() < deadline:
+            signals.accepted()  # a queue, until the ceiling cuts the relay
+            tick.wait(0.05)
+        assert not relay.state
+        # Nobody else comes; the last accept still wants the door when the gap is over, and
+        # nothing will wake the pulse logic for it: it must wake itself.
+        assert factory.wait_until(lambda: relay.state, timeout=LongGap.RELAY_GAP_S + 1.0)
+        assert signals.guard_trips == 0
 
 
 def test_fault_pattern_blinks_and_clears(factory: RecordingFactory) -> None:
