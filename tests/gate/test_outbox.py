@@ -462,3 +462,29 @@ def test_a_failed_removal_leaves_no_transaction_open(tmp_path: Path) -> None:
         assert ob.append(payload) == 5
         ob._conn.execute("DROP TRIGGER no_delete")
         assert ob.remove_upto(5) == 5 and ob.depth() == 0
+
+
+def test_the_seq_mark_lives_beside_the_database_under_its_name(tmp_path: Path) -> None:
+    # An upgrade must find the mark an older gate wrote: its name is part of the on-disk format.
+    with Outbox(tmp_path / "outbox.db", max_events=10, seq_block=5) as ob:
+        ob.append(payload)
+        assert ob.seq_path == tmp_path / "outbox.seq"
+        assert (tmp_path / "outbox.seq").read_text() == "6\n"
+
+
+def test_a_fresh_outbox_with_an_unreadable_mark_starts_at_seq_1(tmp_path: Path) -> None:
+    (tmp_path / "outbox.seq").write_text("garbage\n")  # a mark left damaged, its db gone
+    with Outbox(tmp_path / "outbox.db", max_events=10) as ob:
+        assert ob.append(payload) == 1  # the collector must not see a gap where nothing was lost
+
+
+def test_a_transaction_that_cannot_begin_is_refused_with_its_reason(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "outbox.db", max_events=10) as ob:
+        ob._conn.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]  # a transaction left open
+        try:
+            with pytest.raises(OutboxError) as refused:
+                ob.append(payload)
+            assert refused.value.reason.startswith("cannot begin: ")
+        finally:
+            ob._conn.execute("ROLLBACK")  # type: ignore[union-attr]
+        assert ob.append(payload) == 1

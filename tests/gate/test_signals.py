@@ -932,3 +932,27 @@ def test_close_with_the_pulse_logic_stuck_drops_the_relay_at_once_and_still_retu
     finally:
         release.set()
         thread.join(5)
+
+
+def test_a_guard_whose_first_cut_fails_tries_again(
+    factory: RecordingFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    max_on = 0.3
+    with Signals(gpio(relay_pulse_s=max_on, relay_max_on_s=max_on), pin_factory=factory) as signals:
+        relay = factory.pin(RELAY)
+        real_off = signals._relay.off
+        failures = [OSError("GPIO write failed")]  # a glitch on the first try only
+
+        def flaky_off() -> None:
+            if failures:
+                raise failures.pop()
+            real_off()
+
+        signals.accepted()
+        assert factory.wait_until(lambda: relay.state)
+        with signals._cond:  # the pulse logic is stuck: only the guard can cut
+            signals._relay.off = flaky_off  # type: ignore[method-assign]
+            assert factory.wait_until(lambda: not relay.state, timeout=max_on + 1.0)
+            assert signals.guard_trips == 1 and not failures
+        signals._relay.off = real_off  # type: ignore[method-assign]
+    assert "relay guard could not drive the relay off" in caplog.text
