@@ -52,6 +52,26 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL)
 """
 
+# The statements, named once here. (Module level also keeps mutmut from planting their lower-
+# and upper-case spellings, which SQLite reads the same: equivalent mutants that each cost a
+# whole run of the gate's tests; docs/mutation.md.)
+_BEGIN = "BEGIN IMMEDIATE"
+_COMMIT = "COMMIT"
+_ROLLBACK = "ROLLBACK"
+_IS_NEW = "SELECT name FROM sqlite_master WHERE name = 'meta'"
+_START_SEQS = "INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', ?)"
+_COUNT = "SELECT COUNT(*) FROM outbox"
+_NEXT_SEQ = "SELECT value FROM meta WHERE key = 'next_seq'"
+_INSERT = "INSERT INTO outbox (seq, created, payload) VALUES (?, ?, ?)"
+_SET_STATE = "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)"
+_ADVANCE = "UPDATE meta SET value = ? WHERE key = 'next_seq'"
+_DELETE_SEQ = "DELETE FROM outbox WHERE seq = ?"
+_DELETE_RANGE = "DELETE FROM outbox WHERE seq BETWEEN ? AND ?"
+_DELETE_UPTO = "DELETE FROM outbox WHERE seq <= ?"
+_PENDING = "SELECT seq, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?"
+_STATE = "SELECT value FROM state WHERE key = ?"
+_OLDEST = "SELECT created FROM outbox ORDER BY seq LIMIT 1"
+
 
 # Seqs reserved per sidecar write: one extra fsync per this many appends, and the gap a
 # corrupted outbox leaves at the collector is at most this much larger than the real loss.
@@ -139,7 +159,7 @@ class Outbox:
             # A delivered check-in is personal data the gate no longer needs: zero its bytes
             # instead of leaving them readable in free pages until they happen to be reused.
             conn.execute("PRAGMA secure_delete=ON")
-            fresh = conn.execute("SELECT name FROM sqlite_master WHERE name = 'meta'").fetchone() is None
+            fresh = conn.execute(_IS_NEW).fetchone() is None
             if not fresh:
                 check = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
                 if check != ["ok"]:
@@ -148,14 +168,14 @@ class Outbox:
             # One transaction, so a crash cannot leave a new file that starts again at 1. A new
             # file beside an old high-water mark (quarantined or deleted outbox) continues above
             # every seq the old file can have used; an existing file keeps its own next_seq.
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(_BEGIN)
             for statement in _SCHEMA.split(";"):
                 conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', ?)", (self._reserved,))
-            conn.execute("COMMIT")
+            conn.execute(_START_SEQS, (self._reserved,))
+            conn.execute(_COMMIT)
             if fresh and self._reserved > 1:
                 log.warning("outbox %s is new: seqs continue at %d", self.path, self._reserved)
-            self._depth = int(conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            self._depth = int(conn.execute(_COUNT).fetchone()[0])
         except sqlite3.Error as exc:
             conn.close()
             if isinstance(exc, sqlite3.DatabaseError) and any(m in str(exc) for m in _CORRUPT_MARKERS):
@@ -235,22 +255,20 @@ class Outbox:
             if self._depth >= self.max_events:
                 raise OutboxError(f"full: {self._depth} events (max {self.max_events})")
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(_BEGIN)
             except sqlite3.Error as exc:
                 raise OutboxError(f"cannot begin: {exc}") from exc
             try:
-                seq = int(conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
+                seq = int(conn.execute(_NEXT_SEQ).fetchone()[0])
                 self._reserve(seq)
                 created = self._clock()
                 payload = build(seq, created)
-                conn.execute(
-                    "INSERT INTO outbox (seq, created, payload) VALUES (?, ?, ?)", (seq, created, payload)
-                )
+                conn.execute(_INSERT, (seq, created, payload))
                 row = state(payload) if state is not None else None
                 if row is not None:
-                    conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", row)
-                conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (seq + 1,))
-                conn.execute("COMMIT")
+                    conn.execute(_SET_STATE, row)
+                conn.execute(_ADVANCE, (seq + 1,))
+                conn.execute(_COMMIT)
             except sqlite3.Error as exc:
                 self._rollback(conn)
                 raise OutboxError(f"cannot append: {exc}") from exc
@@ -268,29 +286,27 @@ class Outbox:
         rows: list[tuple[int, ...]] = [(int(s),) for s in seqs]
         if not rows:
             return 0
-        return self._delete("DELETE FROM outbox WHERE seq = ?", rows, many=True)
+        return self._delete(_DELETE_SEQ, rows, many=True)
 
     def remove_range(self, first: int, last: int) -> int:
         """Delete every row with ``first`` <= seq <= ``last`` in one statement (a collector's ack range)."""
-        return self._delete(
-            "DELETE FROM outbox WHERE seq BETWEEN ? AND ?", [(int(first), int(last))], many=False
-        )
+        return self._delete(_DELETE_RANGE, [(int(first), int(last))], many=False)
 
     def remove_upto(self, seq: int) -> int:
         """Delete every row with seq <= ``seq`` (the collector's cumulative ack)."""
-        return self._delete("DELETE FROM outbox WHERE seq <= ?", [(int(seq),)], many=False)
+        return self._delete(_DELETE_UPTO, [(int(seq),)], many=False)
 
     def _delete(self, sql: str, rows: list[tuple[int, ...]], *, many: bool) -> int:
         with self._lock:
             conn = self._require()
             before = conn.total_changes
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(_BEGIN)
                 if many:
                     conn.executemany(sql, rows)
                 else:
                     conn.execute(sql, rows[0])
-                conn.execute("COMMIT")
+                conn.execute(_COMMIT)
             except sqlite3.Error as exc:
                 self._rollback(conn)
                 raise OutboxError(f"cannot remove: {exc}") from exc
@@ -317,10 +333,7 @@ class Outbox:
         with self._lock:
             conn = self._require()
             try:
-                cur = conn.execute(
-                    "SELECT seq, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-                    (int(after_seq), int(limit)),
-                )
+                cur = conn.execute(_PENDING, (int(after_seq), int(limit)))
                 return [(int(seq), bytes(payload)) for seq, payload in cur.fetchall()]
             except sqlite3.Error as exc:
                 raise OutboxError(f"cannot read: {exc}") from exc
@@ -330,7 +343,7 @@ class Outbox:
         with self._lock:
             conn = self._require()
             try:
-                row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+                row = conn.execute(_STATE, (key,)).fetchone()
             except sqlite3.Error as exc:
                 log.warning("outbox %s: cannot read state %r: %s", self.path, key, exc)
                 return None
@@ -345,7 +358,7 @@ class Outbox:
         with self._lock:
             conn = self._require()
             try:
-                row = conn.execute("SELECT created FROM outbox ORDER BY seq LIMIT 1").fetchone()
+                row = conn.execute(_OLDEST).fetchone()
             except sqlite3.Error as exc:
                 raise OutboxError(f"cannot read: {exc}") from exc
             return None if row is None else str(row[0])
@@ -356,7 +369,7 @@ class Outbox:
         with self._lock:
             conn = self._require()
             try:
-                return int(conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
+                return int(conn.execute(_NEXT_SEQ).fetchone()[0])
             except sqlite3.Error as exc:
                 raise OutboxError(f"cannot read: {exc}") from exc
 
@@ -384,7 +397,7 @@ class Outbox:
     def _rollback(conn: sqlite3.Connection) -> None:
         try:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                conn.execute(_ROLLBACK)
         except sqlite3.Error:
             # SQLite may already have rolled back (e.g. on SQLITE_FULL); the next BEGIN recovers.
             pass
