@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -183,8 +184,9 @@ def test_a_corrupt_outbox_that_cannot_be_moved_aside_says_so(
     monkeypatch.setattr(os, "rename", no_rename)
     with pytest.raises(OutboxError) as info:
         Outbox(db, max_events=10)
-    assert str(info.value).startswith(f"{db} is corrupt (")
-    assert str(info.value).endswith("and cannot be moved aside: [Errno 13] Permission denied")
+    assert str(info.value) == (
+        f"{db} is corrupt (file is not a database) and cannot be moved aside: [Errno 13] Permission denied"
+    )
 
 
 def test_a_failed_read_is_an_outbox_error_that_says_why(tmp_path: Path) -> None:
@@ -217,16 +219,34 @@ def test_malformed_pages_are_quarantined(tmp_path: Path) -> None:
         assert ob.append(payload) > used
 
 
-def test_deleted_outbox_continues_above_the_mark(tmp_path: Path) -> None:
+def test_deleted_outbox_continues_above_the_mark(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     db = tmp_path / "outbox.db"
-    with Outbox(db, max_events=100, seq_block=5) as ob:
-        for _ in range(7):
-            ob.append(payload)
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    with Outbox(db, max_events=100, seq_block=5) as ob:
-        assert ob.quarantined is None
-        assert ob.append(payload) > 7
+    with caplog.at_level(logging.WARNING, logger="scanner.gate.outbox"):
+        with Outbox(db, max_events=100, seq_block=5) as ob:
+            for _ in range(7):
+                ob.append(payload)
+        assert not caplog.records  # a new outbox in WAL mode: nothing to warn of
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        with Outbox(db, max_events=100, seq_block=5) as ob:
+            assert ob.quarantined is None
+            assert ob.append(payload) > 7
+    # The technician learns why the seqs jump: the file is new, the mark on disk is not.
+    assert [r.getMessage() for r in caplog.records] == [f"outbox {db} is new: seqs continue at 11"]
+
+
+def test_an_outbox_still_corrupt_after_the_move_is_refused_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scanner.gate import outbox as outbox_module
+
+    def corrupt(self: Outbox) -> object:
+        raise outbox_module._Corrupt("file is not a database")
+
+    monkeypatch.setattr(Outbox, "_open", corrupt)
+    with pytest.raises(OutboxError) as info:
+        Outbox(tmp_path / "outbox.db", max_events=10)
+    assert str(info.value) == f"cannot use {tmp_path / 'outbox.db'}: file is not a database"
 
 
 def test_unopenable_file_still_raises(tmp_path: Path) -> None:
