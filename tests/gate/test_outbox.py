@@ -4,14 +4,17 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -508,3 +511,62 @@ def test_a_transaction_that_cannot_begin_is_refused_with_its_reason(tmp_path: Pa
         finally:
             ob._conn.execute("ROLLBACK")  # type: ignore[union-attr]
         assert ob.append(payload) == 1
+
+
+Script = Callable[[sqlite3.Connection], sqlite3.Cursor]
+
+
+class _ScriptedConnection(sqlite3.Connection):
+    """A real SQLite connection whose answer to chosen statements is scripted: what a damaged
+    file (quick_check's findings) or a busy one (locked) says, which a test cannot make SQLite
+    say on demand."""
+
+    script: ClassVar[dict[str, Script]] = {}
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
+        action = self.script.get(sql)
+        if action is not None:
+            return action(self)
+        return sqlite3.Connection.execute(self, sql, *args)
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Script]]:
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(
+        sqlite3, "connect", lambda *a, **kw: real_connect(*a, factory=_ScriptedConnection, **kw)
+    )
+    _ScriptedConnection.script = {}
+    yield _ScriptedConnection.script
+    _ScriptedConnection.script = {}
+
+
+def test_an_existing_outbox_that_quick_check_finds_damaged_is_moved_aside(
+    tmp_path: Path, scripted: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "outbox.db"
+    with Outbox(db, max_events=10, seq_block=5) as ob:
+        ob.append(payload)
+        ob.append(payload)
+    findings = " UNION ALL ".join(f"SELECT '{row}'" for row in ("row 1 missing from index i", "b", "c", "d"))
+    scripted["PRAGMA quick_check"] = lambda conn: sqlite3.Connection.execute(conn, findings)
+    with caplog.at_level(logging.ERROR, logger="scanner.gate.outbox"), Outbox(db, max_events=10) as ob:
+        # Checked because it existed; the new file beside it is not (it would be found
+        # "damaged" too here, and the gate could not start).
+        assert ob.quarantined is not None and ob.append(payload) == 6
+    assert "is corrupt (quick_check: corrupt: row 1 missing from index i; b; c): moved to" in caplog.text
+
+
+def test_a_busy_outbox_is_an_error_not_corruption(tmp_path: Path, scripted: dict[str, Any]) -> None:
+    db = tmp_path / "outbox.db"
+    with Outbox(db, max_events=10) as ob:
+        ob.append(payload)
+
+    def locked(_conn: sqlite3.Connection) -> sqlite3.Cursor:
+        raise sqlite3.OperationalError("database is locked")
+
+    scripted["PRAGMA journal_mode=WAL"] = locked
+    with pytest.raises(OutboxError) as info:
+        Outbox(db, max_events=10)
+    assert str(info.value) == f"cannot use {db}: database is locked"
+    assert not _quarantined_files(tmp_path)  # nothing moved aside: the events are all still there
