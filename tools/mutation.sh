@@ -2,8 +2,8 @@
 # Mutation testing of the gate's safety code: mutmut plants small bugs, one at a time, in a
 # copy of the code (mutants/) and runs the fast tests that reach each; a bug no test notices
 # is a promise nobody guards. What is covered, how to read the result and every surviving
-# mutant judged equivalent: docs/mutation.md. Not part of the default suite (27-35 minutes on a
-# busy 2-core machine).
+# mutant judged equivalent: docs/mutation.md. Not part of the default suite (37 minutes for the
+# last full run on this 2-core machine).
 #
 #   tools/mutation.sh            the whole selection below, from scratch
 #   tools/mutation.sh GLOB...    only the mutants whose names match (e.g. 'scanner.mqtt.*')
