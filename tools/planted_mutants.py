@@ -116,9 +116,9 @@ PLANTED = (
     Planted(
         "fault blink not restored after a reject (mended test_signals assertion)",
         "scanner/gate/signals.py",
-        "            self._red_busy_until = 0.0\n            self._red_idle()\n\n    def _close_devices",
-        "            self._red_busy_until = 0.0\n"
-        "            self._red.off()  # planted\n\n    def _close_devices",
+        "            if not self._fire:\n                self._red_idle()\n\n    def _close_devices",
+        "            if not self._fire:\n"
+        "                self._red.off()  # planted\n\n    def _close_devices",
         ("tests/gate/test_signals.py::test_reject_during_fault_restores_the_fault_pattern",),
     ),
     Planted(
