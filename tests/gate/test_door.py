@@ -546,8 +546,17 @@ def test_the_relay_off_command_touches_only_the_relay_with_every_input_configure
     assert states(f, 17)[-1] is False
 
 
+class SlackSignals(Signals):
+    """The pulse logic stops 0.2 s before the guard here (a tenth of relay_max_on_s), not 20 ms:
+    with four test workers on two cores its thread has been seen waking over 20 ms late, and
+    then the guard cuts first. That is the guard doing its job, not the fault this test is for."""
+
+    GUARD_MARGIN_S = 0.3
+
+
 def test_exit_presses_in_a_queue_never_hold_the_relay_past_its_ceiling(tmp_path, factory):
-    max_on = 1.0
+    max_on = 2.0
+    ceiling = max_on - min(SlackSignals.GUARD_MARGIN_S, max_on / 10)
     cfg = make_config(
         tmp_path,
         door={**ALL_INPUTS, "debounce_s": 0.0},
@@ -557,7 +566,7 @@ def test_exit_presses_in_a_queue_never_hold_the_relay_past_its_ceiling(tmp_path,
     relay = factory.pin(cfg.gpio.relay_pin)
     with (
         Outbox(cfg.storage.dir / "outbox.db", 1000) as outbox,
-        Signals(cfg.gpio, pin_factory=factory) as signals,
+        SlackSignals(cfg.gpio, pin_factory=factory) as signals,
         Door(cfg.door, signals=signals, alarms=Alarms(), pin_factory=factory) as door,
     ):
         door.attach(make_gate(cfg, signals, outbox))
@@ -573,7 +582,7 @@ def test_exit_presses_in_a_queue_never_hold_the_relay_past_its_ceiling(tmp_path,
     assert all(d <= max_on + 0.01 for d in ons), ons
     # After a cut at the ceiling the lock gets its time to relatch. (A press that a loaded
     # machine delayed past the pulse lets the pulse end normally: no gap is owed then.)
-    after_cuts = [g for on, g in zip(ons, gaps, strict=False) if on >= max_on - 0.05]
+    after_cuts = [g for on, g in zip(ons, gaps, strict=False) if on >= ceiling - 0.05]
     assert after_cuts and all(g >= Signals.RELAY_GAP_S - 0.01 for g in after_cuts), (ons, gaps)
 
 

@@ -360,12 +360,13 @@ def test_one_accept_in_the_gap_after_a_cut_opens_once_the_gap_is_over(factory: R
     class LongGap(FastSignals):
         RELAY_GAP_S = 0.3
 
-    with LongGap(gpio(relay_pulse_s=1.0, relay_max_on_s=1.0), pin_factory=factory) as signals:
+    # 3 s: FastSignals' full 0.3 s guard margin, so a late relay thread is no guard trip.
+    with LongGap(gpio(relay_pulse_s=1.0, relay_max_on_s=3.0), pin_factory=factory) as signals:
         relay = factory.pin(RELAY)
         signals.accepted()
         assert factory.wait_until(lambda: relay.state)
         tick = threading.Event()
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + 6.0
         while relay.state and time.monotonic() < deadline:
             signals.accepted()  # a queue, until the ceiling cuts the relay
             tick.wait(0.05)
