@@ -459,10 +459,11 @@ class Occupancy:
         with self._cond:
             self._roll()
             if device == self._device:
-                body = self._maybe_adopt(counts, retained)
-                if not retained and self._link_up and not self._awaited and not self._heard_site:
+                if retained:
+                    body = self._maybe_adopt(counts)
+                elif self._link_up and not self._awaited and not self._heard_site:
                     # Our counter came back live: the broker sent every retained counter before.
-                    body = self._hear_site() or body
+                    body = self._hear_site()
             else:
                 mono = self._mono()
                 if retained:  # from the broker's store: as old as its ts says (never from the future)
@@ -489,10 +490,10 @@ class Occupancy:
         if body is not None:
             self.publish(body)
 
-    def _maybe_adopt(self, counts: Counts, retained: bool) -> bytes | None:
-        # Our own counter comes back from the broker. Normally it is what we sent; if it is
-        # ahead of us (state lost with a quarantined outbox or a fresh SD card), take it back.
-        if not retained or counts.day != self._own.day or counts.version <= self._own.version:
+    def _maybe_adopt(self, counts: Counts) -> bytes | None:
+        # Our own retained counter from the broker. Normally it is what we sent; if it is ahead
+        # of us (state lost with a quarantined outbox or a fresh SD card), take it back.
+        if counts.day != self._own.day or counts.version <= self._own.version:
             return None
         log.warning(
             "occupancy: this gate's counter of %s on the broker is ahead of its own state (version %d > %d):"

@@ -969,12 +969,19 @@ class RecordingClient:
         return _Info(mid=len(self.sent) + 100)
 
 
+def online_to(pub: Publisher) -> RecordingClient:
+    """The idle publisher as if connected, handing its check-ins to a RecordingClient."""
+    client = RecordingClient()
+    pub._client = client  # type: ignore[assignment]
+    pub._online = True
+    return client
+
+
 def test_nothing_is_handed_to_paho_while_offline_or_in_a_refusal_backoff(
     idle: tuple[Publisher, Outbox, Alarms],
 ) -> None:
     pub, _, _ = idle
-    client = RecordingClient()
-    pub._client = client  # type: ignore[assignment]
+    client = online_to(pub)
     pub._cursor, pub._highest_sent = 0, 0  # nothing sent yet
     pub._online = False
     pub._fill()
@@ -992,9 +999,7 @@ def test_after_a_backoff_each_refused_check_in_still_waiting_is_sent_again(
     idle: tuple[Publisher, Outbox, Alarms],
 ) -> None:
     pub, outbox, _ = idle
-    client = RecordingClient()
-    pub._client = client  # type: ignore[assignment]
-    pub._online = True
+    client = online_to(pub)
     outbox.remove([3])  # acked meanwhile by the collector: not sent again
     pub._refused = {2, 3, 4}
     pub._fill()
@@ -1026,9 +1031,8 @@ def test_fill_keeps_at_most_the_window_in_flight(idle: tuple[Publisher, Outbox, 
     # The window stays under the broker's Receive Maximum: one more and the broker may close
     # the connection (0x93), so it is exact, not approximate.
     pub, _, _ = idle
-    client = RecordingClient()
-    pub._client = client  # type: ignore[assignment]
-    pub._online, pub._cursor, pub._highest_sent, pub._window = True, 0, 0, 2
+    client = online_to(pub)
+    pub._cursor, pub._highest_sent, pub._window = 0, 0, 2
     pub._fill()
     assert client.sent == [1, 2]
     pub._inflight.pop(min(pub._inflight))  # seq 1 acknowledged by the broker
@@ -1042,9 +1046,7 @@ def test_an_outbox_error_in_fill_is_one_alarm_a_pause_and_cleared_by_the_next_go
     pub, outbox, alarms = idle
     cleared: list[str] = []
     pub._on_alarm_clear = cleared.append
-    client = RecordingClient()
-    pub._client = client  # type: ignore[assignment]
-    pub._online = True
+    client = online_to(pub)
     real_pending = outbox.pending
 
     def failing(*_a: Any, **_kw: Any) -> list[tuple[int, bytes]]:
