@@ -34,7 +34,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from scanner import durable
@@ -55,6 +55,15 @@ CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL)
 # The statements, named once here. (Module level also keeps mutmut from planting their lower-
 # and upper-case spellings, which SQLite reads the same: equivalent mutants that each cost a
 # whole run of the gate's tests; docs/mutation.md.)
+_WAL = "PRAGMA journal_mode=WAL"
+# FULL: the WAL is fsynced on every commit, so a returned append survives power loss.
+_SYNC_FULL = "PRAGMA synchronous=FULL"
+# A delivered check-in is personal data the gate no longer needs: zero its bytes instead of
+# leaving them readable in free pages until they happen to be reused.
+_SECURE_DELETE = "PRAGMA secure_delete=ON"
+_QUICK_CHECK = "PRAGMA quick_check"
+# Fold the WAL into the database and cut it to nothing.
+_CHECKPOINT = "PRAGMA wal_checkpoint(TRUNCATE)"
 _BEGIN = "BEGIN IMMEDIATE"
 _COMMIT = "COMMIT"
 _ROLLBACK = "ROLLBACK"
@@ -128,10 +137,10 @@ class Outbox:
     def _expire_quarantined(self) -> None:
         """Delete quarantined outboxes older than QUARANTINE_KEEP_DAYS: kept that long for a
         technician to look into, never longer than the check-ins in them may be kept at all."""
-        cutoff = time.time() - QUARANTINE_KEEP_DAYS * 86_400
+        cutoff = time.time() - timedelta(days=QUARANTINE_KEEP_DAYS).total_seconds()
         for old in self.path.parent.glob(f"{self.path.name}.corrupt-*"):
             try:
-                if old.stat().st_mtime < cutoff:
+                if old.stat().st_mtime < cutoff:  # pragma: no mutate (tie)
                     old.unlink()
                     log.warning(
                         "deleted %s: a quarantined outbox older than %d days", old, QUARANTINE_KEEP_DAYS
@@ -144,24 +153,21 @@ class Outbox:
             self._create_private(self.path)
             conn = sqlite3.connect(
                 str(self.path),
-                timeout=5.0,
+                # sqlite3's default busy timeout (5 s) covers a reader such as `selftest`.
                 isolation_level=None,  # explicit BEGIN/COMMIT: we decide what one transaction is
                 check_same_thread=False,  # shared by the pipeline and publisher under self._lock
             )
         except (OSError, sqlite3.Error) as exc:
             raise OutboxError(f"cannot open {self.path}: {exc}") from exc
         try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = conn.execute(_WAL).fetchone()[0]
             if mode != "wal":
                 log.warning("outbox %s: journal_mode is %s, not wal", self.path, mode)
-            # FULL: the WAL is fsynced on every commit, so a returned append survives power loss.
-            conn.execute("PRAGMA synchronous=FULL")
-            # A delivered check-in is personal data the gate no longer needs: zero its bytes
-            # instead of leaving them readable in free pages until they happen to be reused.
-            conn.execute("PRAGMA secure_delete=ON")
+            conn.execute(_SYNC_FULL)
+            conn.execute(_SECURE_DELETE)
             fresh = conn.execute(_IS_NEW).fetchone() is None
             if not fresh:
-                check = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
+                check = [str(r[0]) for r in conn.execute(_QUICK_CHECK).fetchall()]
                 if check != ["ok"]:
                     raise sqlite3.DatabaseError(f"quick_check: corrupt: {'; '.join(check[:3])}")
             self._reserved = self._read_reserved()
@@ -205,7 +211,7 @@ class Outbox:
     def _read_reserved(self) -> int:
         """The first seq not yet reserved (1 when there is no sidecar or it is unreadable)."""
         try:
-            return max(1, int(self.seq_path.read_text(encoding="ascii").strip()))
+            return max(1, int(self.seq_path.read_bytes()))  # int() reads ASCII digits, blanks around
         except FileNotFoundError:
             return 1
         except (OSError, ValueError) as exc:
@@ -219,7 +225,7 @@ class Outbox:
             return
         mark = seq + self._seq_block
         try:
-            durable.replace_file(self.seq_path, f"{mark}\n".encode("ascii"))
+            durable.replace_file(self.seq_path, b"%d\n" % mark)
         except OSError as exc:
             raise OutboxError(f"cannot reserve seqs in {self.seq_path}: {exc}") from exc
         self._reserved = mark
@@ -318,10 +324,10 @@ class Outbox:
             deleted = conn.total_changes - before
             self._depth -= deleted
             if deleted and self._depth == 0:
-                # Drained: fold the WAL into the database and cut it to nothing, so the frames
-                # that still held delivered check-ins are gone from the card too.
+                # Drained: checkpoint, so the WAL frames that still held delivered check-ins
+                # are gone from the card too.
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    conn.execute(_CHECKPOINT)
                 except sqlite3.Error as exc:  # only tidiness failed: the rows are deleted
                     log.warning("outbox %s: checkpoint after draining failed: %s", self.path, exc)
             return deleted

@@ -425,7 +425,9 @@ class Gate:
     def _remember_accept(self, key: bytes, now_mono: float) -> bool:
         window = self._rules.anti_passback_s
         if window <= 0:
-            return False
+            # With anti-passback off, policy.decide never reads what is remembered, so saying
+            # True here (and remembering) would change no decision.
+            return False  # pragma: no mutate
         with self._passback_lock:
             self._last_accept[key] = now_mono
             if len(self._last_accept) > 4096:  # a busy day: forget what is past the window

@@ -640,7 +640,7 @@ class Publisher:
         if reason_code.is_failure:
             self._refused.add(seq)
             now = time.monotonic()
-            if now >= self._hold_until:
+            if now >= self._hold_until:  # pragma: no mutate (tie)
                 # The alarm detail stays the same from cycle to cycle (no seq, no delay), so
                 # the app re-publishes status only when the situation changes.
                 detail = (
@@ -733,7 +733,8 @@ class Publisher:
             if self._collector and not self._collector_may_send():
                 return
             busy = set(self._inflight.values())
-            while len(self._inflight) < self._window:
+            # (`<=` would change nothing: with the window full, pending() is asked for 0 rows.)
+            while len(self._inflight) < self._window:  # pragma: no mutate
                 rows = self._outbox.pending(after_seq=self._cursor, limit=self._window - len(self._inflight))
                 if not rows:
                     break
@@ -791,8 +792,10 @@ class Publisher:
             log.error("%s", detail)
             self._alarm("publish_failed", detail)
             return
+        # Only a paho queue bounded by max_queued_messages_set says this, and the gate's own
+        # window bounds what is in flight instead: kept for a paho that changes its mind.
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            self._refused.add(seq)
+            self._refused.add(seq)  # pragma: no mutate (unreachable, see above)
             return
         # MQTT_ERR_NO_CONN (lost between our check and the call) still leaves the message in
         # paho's queue, which sends it after reconnecting: track it like any other.
