@@ -1,9 +1,10 @@
 """Per-module figures of the last ``tools/mutation.sh`` run, checked against docs/mutation.md.
 
 Reads mutmut's results (``mutants/**/*.meta``) for the mutants the run selected and the table
-of equivalent mutants in docs/mutation.md. Prints one JSON object per module and a total, then
-every surviving mutant that the table does not explain (with its diff), and every table row
-that no longer names a surviving mutant (the code changed: judge it again). Exit 1 if either
+of equivalent mutants in docs/mutation.md. Prints one JSON object per module and a total (with
+the module's lines marked ``# pragma: no mutate``, which mutmut leaves alone), then every
+surviving mutant that the table does not explain (with its diff), and every table row that no
+longer names a surviving mutant of the run (the code changed: judge it again). Exit 1 if either
 list is not empty, so a run is clean only when every survivor is explained.
 """
 
@@ -30,6 +31,13 @@ def module_of(name: str) -> str:
     return name.split(".x", 1)[0] if ".xǁ" in name or ".x_" in name else name.rsplit(".", 1)[0]
 
 
+def pragma_lines(module: str) -> int:
+    path = ROOT / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        return 0
+    return sum("# pragma: no mutate" in line for line in path.read_text().splitlines())
+
+
 def main(argv: list[str]) -> int:
     patterns = argv or ["*"]
     equivalent = {m.group(1) for line in DOC.read_text().splitlines() if (m := EQUIVALENT_ROW.match(line))}
@@ -51,18 +59,22 @@ def main(argv: list[str]) -> int:
     total: Counter[str] = Counter()
     for module, counts in sorted(per_module.items()):
         total.update(counts)
+        counts["not_mutated_lines"] = pragma_lines(module)
         print(json.dumps({"module": module, **dict(sorted(counts.items()))}))
     print(json.dumps({"module": "total", **dict(sorted(total.items()))}))
     caught = ("killed", "timeout")
     unexplained = sorted(n for n, s in results.items() if s not in caught and n not in equivalent)
-    stale = sorted(n for n in equivalent if n in results and results[n] != "survived")
+    # A row inside the selection that names no survivor, or no mutant at all (renumbered or gone).
+    selected = (n for n in equivalent if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+    stale = sorted(n for n in selected if results.get(n) != "survived")
     for name in unexplained:
         print(f"\n# not killed and not explained in docs/mutation.md: {name} ({results[name]})")
         show = [sys.executable, "-m", "mutmut", "show", name]
         diff = subprocess.run(show, cwd=ROOT, capture_output=True, text=True, check=False)
         print(diff.stdout.strip() or diff.stderr.strip())
     for name in stale:
-        print(f"\n# listed as equivalent in docs/mutation.md but {results[name]} now: {name}")
+        now = results.get(name, "not generated")
+        print(f"\n# listed as equivalent in docs/mutation.md but {now} now: {name}")
     return 1 if unexplained or stale else 0
 
 
