@@ -31,6 +31,29 @@ def module_of(name: str) -> str:
     return name.split(".x", 1)[0] if ".xǁ" in name or ".x_" in name else name.rsplit(".", 1)[0]
 
 
+def read_results(patterns: list[str]) -> dict[str, str]:
+    results: dict[str, str] = {}
+    for meta in sorted((ROOT / "mutants").rglob("*.meta")):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                results[name] = STATUS.get(code, "not checked" if code is None else f"exit {code}")
+    return results
+
+
+def list_timeouts(patterns: list[str]) -> int:
+    """Print the mutants that timed out, one per line, for tools/mutation.sh to run again.
+
+    mutmut 3.8 never cancels a mutant's wall-clock timer: when it expires it sends SIGXCPU to
+    that pid, which by then can belong to a later mutant's run (pids, threads included, wrap at
+    ``kernel.pid_max``, 32768 here). That run is then counted a timeout, which counts as caught.
+    A mutant that really hangs times out again.
+    """
+    for name, status in read_results(patterns).items():
+        if status == "timeout":
+            print(name)
+    return 0
+
+
 def pragma_lines(module: str) -> int:
     path = ROOT / (module.replace(".", "/") + ".py")
     if not path.exists():
@@ -39,13 +62,11 @@ def pragma_lines(module: str) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--timeouts"]:
+        return list_timeouts(argv[1:] or ["*"])
     patterns = argv or ["*"]
     equivalent = {m.group(1) for line in DOC.read_text().splitlines() if (m := EQUIVALENT_ROW.match(line))}
-    results: dict[str, str] = {}
-    for meta in sorted((ROOT / "mutants").rglob("*.meta")):
-        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-                results[name] = STATUS.get(code, "not checked" if code is None else f"exit {code}")
+    results = read_results(patterns)
     if not results:
         print("no results under mutants/: run tools/mutation.sh first", file=sys.stderr)
         return 2

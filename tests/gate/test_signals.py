@@ -374,6 +374,9 @@ def test_one_accept_in_the_gap_after_a_cut_opens_once_the_gap_is_over(factory: R
         # Nobody else comes; the last accept still wants the door when the gap is over, and
         # nothing will wake the pulse logic for it: it must wake itself.
         assert factory.wait_until(lambda: relay.state, timeout=LongGap.RELAY_GAP_S + 1.0)
+        # And that pulse is the pulse logic's own: it ends with the last accept's pulse (0.7 s
+        # from here), long before the guard would cut it (3 s).
+        assert factory.wait_until(lambda: not relay.state, timeout=2.0)
         assert signals.guard_trips == 0
 
 
