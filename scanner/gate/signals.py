@@ -400,11 +400,11 @@ class Signals:
                     self._relay_write(True, reason=f" (pulse {pulse:.1f} s)")
                 else:  # idle
                     self._cond.wait(timeout=1.0)  # pragma: no mutate (notified)
-            # close() has written the relay off before it woke this thread: this last write
-            # only keeps the state tidy, so which way the test goes changes no pin.
+            # Ends a pulse this thread began just as close() wrote the relay off (close() takes
+            # the lock only after that write). _close_devices writes it off once more before
+            # releasing the pin, so no single change here shows on the pin.
             if self._on_since is not None:  # pragma: no mutate
                 self._relay_write(False)
-                self._on_since = None
 
     def _run_guard(self) -> None:
         """Hard ceiling, independent of the pulse logic: shares no lock with it."""
@@ -477,8 +477,9 @@ class Signals:
                 # do the same.
                 continue  # pragma: no mutate
             try:
-                # Defence in depth: every path has written the relay off before this (close()
-                # first of all, the relay thread last, a failed constructor never energised it).
+                # The second of two: close() wrote the relay off first and the relay thread's
+                # last act ended any pulse it had begun since (a failed constructor never
+                # energised it), so no single change here shows on the pin.
                 if device is self._relay and not device.closed:  # pragma: no mutate
                     device.off()
                 device.close()
