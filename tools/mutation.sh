@@ -2,7 +2,7 @@
 # Mutation testing of the gate's safety code: mutmut plants small bugs, one at a time, in a
 # copy of the code (mutants/) and runs the fast tests that reach each; a bug no test notices
 # is a promise nobody guards. What is covered, how to read the result and every surviving
-# mutant judged equivalent: docs/mutation.md. Not part of the default suite (21 minutes for the
+# mutant judged equivalent: docs/mutation.md. Not part of the default suite (22 minutes for the
 # last full run on this 2-core machine).
 #
 #   tools/mutation.sh            the whole selection below, from scratch
