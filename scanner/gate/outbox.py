@@ -292,26 +292,23 @@ class Outbox:
         rows: list[tuple[int, ...]] = [(int(s),) for s in seqs]
         if not rows:
             return 0
-        return self._delete(_DELETE_SEQ, rows, many=True)
+        return self._delete(_DELETE_SEQ, rows)
 
     def remove_range(self, first: int, last: int) -> int:
         """Delete every row with ``first`` <= seq <= ``last`` in one statement (a collector's ack range)."""
-        return self._delete(_DELETE_RANGE, [(int(first), int(last))], many=False)
+        return self._delete(_DELETE_RANGE, [(int(first), int(last))])
 
     def remove_upto(self, seq: int) -> int:
         """Delete every row with seq <= ``seq`` (the collector's cumulative ack)."""
-        return self._delete(_DELETE_UPTO, [(int(seq),)], many=False)
+        return self._delete(_DELETE_UPTO, [(int(seq),)])
 
-    def _delete(self, sql: str, rows: list[tuple[int, ...]], *, many: bool) -> int:
+    def _delete(self, sql: str, rows: list[tuple[int, ...]]) -> int:
         with self._lock:
             conn = self._require()
             before = conn.total_changes
             try:
                 conn.execute(_BEGIN)
-                if many:
-                    conn.executemany(sql, rows)
-                else:
-                    conn.execute(sql, rows[0])
+                conn.executemany(sql, rows)
                 conn.execute(_COMMIT)
             except sqlite3.Error as exc:
                 self._rollback(conn)

@@ -327,8 +327,6 @@ class Signals:
         finally:
             got = self._cond.acquire(timeout=1.0)
             try:
-                # Only for tidiness: _closed is set, so nothing reads it again.
-                self._want_until = _NEVER  # pragma: no mutate
                 if self._restore_timer is not None:
                     self._restore_timer.cancel()
                 if got:
