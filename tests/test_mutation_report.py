@@ -94,3 +94,12 @@ def test_a_partial_run_judges_only_the_rows_it_selected(report):
     table(report, 2, 3, 9)
     assert report.main(["scanner.gate.relay.x_f__mutmut_2"]) == 0
     assert report.main(["scanner.gate.relay.x_f__mutmut_[29]"]) == 1
+
+
+def test_timeouts_are_listed_for_a_second_run(report, capsys):
+    meta = report.ROOT / "mutants" / "scanner" / "gate" / "relay.py.meta"
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    codes["scanner.gate.relay.x_f__mutmut_2"] = -24  # SIGXCPU: mutmut's timeout
+    meta.write_text(json.dumps({"exit_code_by_key": codes}))
+    assert report.main(["--timeouts", "scanner.gate.relay.*"]) == 0
+    assert capsys.readouterr().out.split() == ["scanner.gate.relay.x_f__mutmut_2"]

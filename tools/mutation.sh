@@ -2,7 +2,7 @@
 # Mutation testing of the gate's safety code: mutmut plants small bugs, one at a time, in a
 # copy of the code (mutants/) and runs the fast tests that reach each; a bug no test notices
 # is a promise nobody guards. What is covered, how to read the result and every surviving
-# mutant judged equivalent: docs/mutation.md. Not part of the default suite (22 minutes for the
+# mutant judged equivalent: docs/mutation.md. Not part of the default suite (21 minutes for the
 # last full run on this 2-core machine).
 #
 #   tools/mutation.sh            the whole selection below, from scratch
@@ -60,19 +60,16 @@ rm -rf mutants  # from scratch: mutmut keeps earlier results otherwise
 mkdir mutants
 start=$(date +%s)
 # mutmut's progress (and its list of every mutant at the end) goes to a log, not the terminal.
-if ! mutmut run --max-children "$jobs" "${selection[@]}" > mutants/run.log 2>&1; then
-  tail -n 40 mutants/run.log >&2
-  exit 1
-fi
+mutate() {
+  mutmut run --max-children "$jobs" "$@" >> mutants/run.log 2>&1 || { tail -n 40 mutants/run.log >&2; exit 1; }
+}
+mutate "${selection[@]}"
 # A timeout counts as caught, but mutmut can also kill a healthy run as one (see
 # list_timeouts in tools/mutation_report.py): run each timeout again, on its own.
 mapfile -t timeouts < <(python tools/mutation_report.py --timeouts "${selection[@]}")
 if [ ${#timeouts[@]} -gt 0 ]; then
   echo "running the ${#timeouts[@]} timeouts again: ${timeouts[*]}"
-  if ! mutmut run --max-children "$jobs" "${timeouts[@]}" >> mutants/run.log 2>&1; then
-    tail -n 40 mutants/run.log >&2
-    exit 1
-  fi
+  mutate "${timeouts[@]}"
 fi
 echo "mutation run: $(( $(date +%s) - start )) s, $jobs workers on $(nproc) cores (log: mutants/run.log)"
 echo "load after: $(uptime)"
